@@ -1,0 +1,25 @@
+"""fastft-jax: fast, exact LoRA fine-tuning of Llama and Qwen models in JAX."""
+
+from convert.errors import CheckpointError, ConfigError, DataError, FastFTError, UnsupportedModelError
+from convert.hf import ModelConfig
+from fastft_jax.api import FastLanguageModel, is_bfloat16_supported, resolve_dtype
+from fastft_jax.lora import LoRAConfig
+from fastft_jax.model import CausalLM
+from fastft_jax.ops import OpsConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FastFTError",
+    "FastLanguageModel",
+    "LoRAConfig",
+    "ModelConfig",
+    "OpsConfig",
+    "UnsupportedModelError",
+    "is_bfloat16_supported",
+    "resolve_dtype",
+]

@@ -1,0 +1,246 @@
+"""The Llama/Qwen decoder.
+
+The math is a handful of plain functions over the stacked parameter tree (convert/hf.py documents
+it), scanned over layers so that compile time does not grow with depth. `CausalLM` is the Flax NNX
+module users hold: it owns the frozen base weights and the LoRA adapters as NNX variables and calls
+these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from convert.hf import PROJECTIONS, ModelConfig
+from fastft_jax import ops
+from fastft_jax.lora import LoRAConfig
+
+# The name under which the "unsloth" checkpointing mode offloads each layer's input to host memory.
+LAYER_INPUT = "layer_input"
+CHECKPOINT_MODES = (False, True, "unsloth")
+
+
+class BaseWeight(nnx.Variable):
+    """A frozen base-model weight: never trained, never in the optimiser state."""
+
+
+def _dropout(x: Array, rate: float, rng: Array) -> Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _project(
+    name: str,
+    x: Array,
+    layer: dict,
+    layer_lora: dict | None,
+    lora_config: LoRAConfig | None,
+    ops_config: ops.OpsConfig,
+    dropout_rng: Array | None,
+) -> Array:
+    weights = layer[name]
+    adapter = (layer_lora or {}).get(name)
+    if adapter is None:
+        out = ops.linear(x, weights["kernel"])
+    else:
+        x_for_lora = None
+        if dropout_rng is not None and lora_config.dropout > 0:
+            x_for_lora = _dropout(x, lora_config.dropout, jax.random.fold_in(dropout_rng, PROJECTIONS.index(name)))
+        out = ops.lora_linear(
+            x, weights["kernel"], adapter["lora_a"], adapter["lora_b"], lora_config.scale(name), ops_config, x_for_lora
+        )
+    if "bias" in weights:
+        out = out + weights["bias"].astype(out.dtype)
+    return out
+
+
+def decoder_layer(
+    hidden: Float[Array, "batch seq hidden"],
+    layer: dict,
+    layer_lora: dict | None,
+    positions: Int[Array, "batch seq"],
+    segment_ids: Int[Array, "batch seq"] | None,
+    config: ModelConfig,
+    lora_config: LoRAConfig | None,
+    ops_config: ops.OpsConfig,
+    dropout_rng: Array | None,
+) -> Float[Array, "batch seq hidden"]:
+    batch, seq, _ = hidden.shape
+    hidden = checkpoint_name(hidden, LAYER_INPUT)
+    project = functools.partial(
+        _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
+    )
+    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
+    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
+    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
+        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
+    q, k = ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config)
+    attn = ops.attention(q, k, v, segment_ids, ops_config).reshape(batch, seq, config.num_heads * config.head_dim)
+    hidden = hidden + project("o_proj", attn)
+    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
+    mlp = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
+    return hidden + project("down_proj", mlp)
+
+
+def _checkpoint_policy(mode):
+    if mode == "unsloth":
+        if not has_pinned_host():
+            warnings.warn(
+                'use_gradient_checkpointing="unsloth" offloads layer inputs to pinned host memory, which this '
+                "backend lacks; keeping them on the device instead",
+                stacklevel=3,
+            )
+            return jax.checkpoint_policies.save_only_these_names(LAYER_INPUT)
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    return jax.checkpoint_policies.nothing_saveable
+
+
+@functools.cache
+def has_pinned_host() -> bool:
+    try:
+        return any(memory.kind == "pinned_host" for memory in jax.devices()[0].addressable_memories())
+    except (AttributeError, NotImplementedError):  # runtimes without the memories API
+        return False
+
+
+def decoder_hidden(
+    params: dict,
+    lora_params: dict | None,
+    input_ids: Int[Array, "batch seq"],
+    positions: Int[Array, "batch seq"] | None,
+    segment_ids: Int[Array, "batch seq"] | None,
+    *,
+    config: ModelConfig,
+    lora_config: LoRAConfig | None,
+    ops_config: ops.OpsConfig,
+    compute_dtype: Any,
+    gradient_checkpointing: bool | str = False,
+    dropout_rng: Array | None = None,
+) -> Float[Array, "batch seq hidden"]:
+    """Embeddings, every decoder layer (scanned) and the final norm."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    hidden = jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype)
+    layers_lora = (lora_params or {}).get("layers")
+    if dropout_rng is not None:
+        layer_rngs = jax.random.split(dropout_rng, config.num_layers)
+    else:
+        layer_rngs = None
+
+    def body(hidden, per_layer):
+        layer, layer_lora, layer_rng = per_layer
+        return decoder_layer(
+            hidden, layer, layer_lora, positions, segment_ids, config, lora_config, ops_config, layer_rng
+        ), None
+
+    if gradient_checkpointing:
+        body = jax.checkpoint(body, policy=_checkpoint_policy(gradient_checkpointing), prevent_cse=False)
+    hidden, _ = jax.lax.scan(body, hidden, (params["layers"], layers_lora, layer_rngs))
+    return ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, ops_config)
+
+
+def lm_head_weight(params: dict, config: ModelConfig) -> Float[Array, "hidden vocab"]:
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(params: dict, hidden: Array, config: ModelConfig) -> Float[Array, "batch seq vocab"]:
+    return jnp.dot(hidden, lm_head_weight(params, config).astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_config", "ops_config", "compute_dtype"))
+def _forward_logits(params, lora_params, input_ids, positions, segment_ids, *, config, lora_config, ops_config, compute_dtype):
+    hidden = decoder_hidden(
+        params, lora_params, input_ids, positions, segment_ids,
+        config=config, lora_config=lora_config, ops_config=ops_config, compute_dtype=compute_dtype,
+    )
+    return logits_from_hidden(params, hidden, config)
+
+
+def variable_values(tree: Any) -> Any:
+    """The raw arrays of a tree of NNX variables."""
+    return jax.tree.map(lambda variable: variable[...], tree, is_leaf=lambda node: isinstance(node, nnx.Variable))
+
+
+class CausalLM(nnx.Module):
+    """A Llama/Qwen causal LM with optional LoRA adapters. Call it on int32 token ids."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        *,
+        dtype: Any,
+        max_seq_length: int,
+        source_dir: str | None = None,
+        ops_config: ops.OpsConfig | None = None,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.max_seq_length = max_seq_length
+        self.source_dir = source_dir
+        self.ops_config = ops_config or ops.OpsConfig.from_env()
+        self.base = nnx.data(jax.tree.map(BaseWeight, params))
+        self.lora = nnx.data(None)
+        self.lora_config: LoRAConfig | None = None
+        self.gradient_checkpointing: bool | str = False
+        self.training = True
+
+    # -- parameters ------------------------------------------------------------------------------
+    def base_params(self) -> dict:
+        return variable_values(self.base)
+
+    def lora_params(self) -> dict | None:
+        return None if self.lora is None else variable_values(self.lora)
+
+    def set_lora_params(self, lora_params: dict) -> None:
+        """Write trained adapter values back into the module (trainer.train() updates in place)."""
+        jax.tree.map(
+            lambda variable, value: variable.set_value(value) if hasattr(variable, "set_value") else setattr(variable, "value", value),
+            self.lora, lora_params, is_leaf=lambda node: isinstance(node, nnx.Variable),
+        )
+
+    def attach_lora(self, lora_config: LoRAConfig, lora_params: dict) -> None:
+        self.lora_config = lora_config
+        self.lora = nnx.data(jax.tree.map(nnx.LoRAParam, lora_params))
+
+    # -- forward -----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        positions: Int[Array, "batch seq"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+    ) -> Float[Array, "batch seq vocab"]:
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be int32 [batch, seq], got shape {input_ids.shape}")
+        return _forward_logits(
+            self.base_params(), self.lora_params(), input_ids,
+            None if positions is None else jnp.asarray(positions, jnp.int32),
+            None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+            config=self.config, lora_config=self.lora_config, ops_config=self.ops_config, compute_dtype=self.dtype,
+        )
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        tree = self.lora_params() if trainable_only else (self.base_params(), self.lora_params())
+        return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
+
+    def print_trainable_parameters(self) -> None:
+        trainable = self.num_parameters(trainable_only=True)
+        total = self.num_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")

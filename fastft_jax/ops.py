@@ -1,0 +1,225 @@
+"""The op seam: every op the model uses goes through here, and here alone the choice between the
+Pallas kernels and the pure-jnp references is made.
+
+The choice is static (part of the jit key): an OpsConfig names an implementation per op, and
+FASTFT_KERNELS=reference|pallas|auto in the environment sets the default for all of them. "auto"
+takes the path bench/RESULTS.md measured fastest on the GPU at hand, and the reference on the CPU,
+where Pallas only runs in its (slow) interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from convert.errors import ConfigError
+from pallas_kernels import attention as attention_kernels
+from pallas_kernels import cross_entropy as cross_entropy_kernels
+from pallas_kernels import lora_linear as lora_linear_kernels
+from pallas_kernels import rms_norm as rms_norm_kernels
+from pallas_kernels import rope as rope_kernels
+from pallas_kernels import swiglu as swiglu_kernels
+
+OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention")
+MODES = ("auto", "reference", "pallas")
+ATTENTION_MODES = MODES + ("cudnn", "xla")
+
+# What "auto" takes on a GPU. Only a kernel that beat XLA in bench/RESULTS.md is listed as "pallas";
+# everything else stays on XLA's fusion of the reference.
+GPU_AUTO_CHOICE: dict[str, str] = {
+    "rms_norm": "reference",
+    "rope": "reference",
+    "swiglu": "reference",
+    "lora_linear": "reference",
+    "cross_entropy": "pallas",  # the reference materialises [tokens, vocab] logits
+    "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
+}
+
+_KERNELS = {
+    "rms_norm": (rms_norm_kernels, "rms_norm"),
+    "rope": (rope_kernels, "rope"),
+    "swiglu": (swiglu_kernels, "swiglu"),
+    "lora_linear": (lora_linear_kernels, "lora_linear"),
+    "cross_entropy": (cross_entropy_kernels, "fused_linear_cross_entropy"),
+    "attention": (attention_kernels, "flash_attention"),
+}
+
+
+def _default_mode() -> str:
+    mode = os.environ.get("FASTFT_KERNELS", "auto").strip().lower()
+    if mode not in MODES:
+        raise ConfigError(f"FASTFT_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsConfig:
+    """Implementation per op: "auto", "reference" or "pallas" (attention also "cudnn" or "xla")."""
+
+    rms_norm: str = "auto"
+    rope: str = "auto"
+    swiglu: str = "auto"
+    lora_linear: str = "auto"
+    cross_entropy: str = "auto"
+    attention: str = "auto"
+    # Tokens per chunk of the reference loss head, which bounds its [chunk, vocab] logits.
+    loss_chunk_tokens: int = 4096
+
+    @classmethod
+    def from_env(cls, **overrides: str) -> "OpsConfig":
+        base = _default_mode()
+        values = {name: base for name in OP_NAMES}
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def validated(self) -> "OpsConfig":
+        for name in OP_NAMES:
+            value = getattr(self, name)
+            allowed = ATTENTION_MODES if name == "attention" else MODES
+            if value not in allowed:
+                raise ConfigError(f"kernels.{name}={value!r} is not one of {', '.join(allowed)}")
+        return self
+
+    def resolve(self, op: str) -> str:
+        """'reference' or 'pallas' (attention: also 'cudnn' / 'xla' / 'auto')."""
+        mode = getattr(self, op)
+        if mode != "auto":
+            return mode
+        if jax.default_backend() != "gpu":
+            return "reference"
+        choice = GPU_AUTO_CHOICE[op]
+        if choice == "pallas" and not hasattr(_KERNELS[op][0], _KERNELS[op][1]):
+            return "reference"
+        return choice
+
+    def describe(self) -> dict[str, str]:
+        return {op: self.resolve(op) for op in OP_NAMES}
+
+
+def _kernel(op: str):
+    module, name = _KERNELS[op]
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ConfigError(f"the Pallas kernel for {op} is not available in this build; use kernels.{op}=reference")
+    return fn
+
+
+def rms_norm(x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float, cfg: OpsConfig) -> Float[Array, "... d"]:
+    if cfg.resolve("rms_norm") == "pallas":
+        return _kernel("rms_norm")(x, weight, eps)
+    return rms_norm_kernels.rms_norm_reference(x, weight, eps)
+
+
+def swiglu(gate: Float[Array, "... f"], up: Float[Array, "... f"], cfg: OpsConfig) -> Float[Array, "... f"]:
+    if cfg.resolve("swiglu") == "pallas":
+        return _kernel("swiglu")(gate, up)
+    return swiglu_kernels.swiglu_reference(gate, up)
+
+
+def rope_qk(
+    q: Float[Array, "batch seq heads_q head_dim"],
+    k: Float[Array, "batch seq heads_kv head_dim"],
+    positions: Int[Array, "batch seq"],
+    theta: float,
+    scaling: Mapping[str, Any] | None,
+    cfg: OpsConfig,
+) -> tuple[Array, Array]:
+    if cfg.resolve("rope") == "pallas":
+        rope_qk_kernel = getattr(rope_kernels, "rope_qk", None)
+        if rope_qk_kernel is not None:
+            return rope_qk_kernel(q, k, positions, theta=theta, scaling=scaling)
+        kernel = _kernel("rope")
+        return kernel(q, positions, theta=theta, scaling=scaling), kernel(k, positions, theta=theta, scaling=scaling)
+    rope = functools.partial(rope_kernels.rope_reference, positions=positions, theta=theta, scaling=scaling)
+    return rope(q), rope(k)
+
+
+def linear(x: Float[Array, "... d_in"], kernel: Float[Array, "d_in d_out"]) -> Float[Array, "... d_out"]:
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def lora_linear(
+    x: Float[Array, "... d_in"],
+    kernel: Float[Array, "d_in d_out"],
+    lora_a: Float[Array, "d_in rank"],
+    lora_b: Float[Array, "rank d_out"],
+    scale: float,
+    cfg: OpsConfig,
+    x_for_lora: Float[Array, "... d_in"] | None = None,
+) -> Float[Array, "... d_out"]:
+    """x @ kernel + scale * (x' @ a) @ b, where x' is x after LoRA dropout (PEFT applies dropout to the
+    adapter's input only). The LoRA factors are float32 masters, cast to the compute dtype here."""
+    if x_for_lora is not None:
+        base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        x_a = jnp.dot(x_for_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (base + scale * lora).astype(x.dtype)
+    if cfg.resolve("lora_linear") == "pallas":
+        return _kernel("lora_linear")(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)
+    return lora_linear_kernels.lora_linear_reference(x, kernel, lora_a, lora_b, scale)
+
+
+def attention(
+    q: Float[Array, "batch seq heads_q head_dim"],
+    k: Float[Array, "batch seq heads_kv head_dim"],
+    v: Float[Array, "batch seq heads_kv head_dim"],
+    segment_ids: Int[Array, "batch seq"] | None,
+    cfg: OpsConfig,
+) -> Float[Array, "batch seq heads_q head_dim"]:
+    mode = cfg.resolve("attention")
+    if mode == "auto":
+        mode = "pallas" if segment_ids is not None else "cudnn"
+    if mode == "cudnn" and segment_ids is not None:
+        raise ConfigError("kernels.attention=cudnn cannot mask packed rows (segment ids); use auto or pallas")
+    if mode == "pallas":
+        return _kernel("attention")(q, k, v, causal=True, segment_ids=segment_ids)
+    if mode in ("cudnn", "xla"):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=mode)
+    return attention_kernels.attention_reference(q, k, v, causal=True, segment_ids=segment_ids)
+
+
+def _chunked_cross_entropy(
+    hidden: Float[Array, "n d"], lm_head: Float[Array, "d vocab"], labels: Int[Array, " n"],
+    normalizer: Array, chunk: int,
+) -> Float[Array, ""]:
+    """The reference loss head, in token chunks under jax.checkpoint, so that neither the forward nor
+    the backward holds more than [chunk, vocab] logits."""
+    n = hidden.shape[0]
+    if n <= chunk:
+        return cross_entropy_kernels.fused_linear_cross_entropy_reference(hidden, lm_head, labels, normalizer=normalizer)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    labels = jnp.pad(labels, (0, pad), constant_values=-100)
+    hidden_chunks = hidden.reshape(-1, chunk, hidden.shape[-1])
+    label_chunks = labels.reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        hidden_chunk, label_chunk = xs
+        part = cross_entropy_kernels.fused_linear_cross_entropy_reference(
+            hidden_chunk, lm_head, label_chunk, normalizer=normalizer
+        )
+        return total + part, None
+
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (hidden_chunks, label_chunks))
+    return total
+
+
+def cross_entropy(
+    hidden: Float[Array, "n d"],
+    lm_head: Float[Array, "d vocab"],
+    labels: Int[Array, " n"],
+    normalizer: Array | float,
+    cfg: OpsConfig,
+) -> Float[Array, ""]:
+    """Sum of token losses over labels != -100, divided by normalizer."""
+    normalizer = jnp.asarray(normalizer, jnp.float32)
+    if cfg.resolve("cross_entropy") == "pallas":
+        return _kernel("cross_entropy")(hidden, lm_head, labels, normalizer=normalizer)
+    return _chunked_cross_entropy(hidden, lm_head, labels, normalizer, cfg.loss_chunk_tokens)
