@@ -244,3 +244,28 @@ class CausalLM(nnx.Module):
         trainable = self.num_parameters(trainable_only=True)
         total = self.num_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def random_params(config: ModelConfig, seed: int, dtype: Any) -> dict:
+    """Seeded random weights of the config's shapes (benchmarks and self-checks; no file needed).
+    Norm weights sit near 1 and projections at 1/sqrt(fan_in), so activations stay O(1)."""
+    from convert.hf import tensor_specs
+
+    tree: dict = {}
+    key = jax.random.PRNGKey(seed)
+    for index, spec in enumerate(tensor_specs(config)):
+        shape = ((config.num_layers,) if spec.stacked else ()) + spec.shape
+        draw = jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32)
+        if spec.path[-1].endswith("norm"):
+            leaf = 1.0 + 0.1 * draw
+        elif spec.path[-1] == "bias":
+            leaf = 0.02 * draw
+        elif spec.path == ("embed",):
+            leaf = draw
+        else:
+            leaf = draw / jnp.sqrt(spec.shape[0])
+        node = tree
+        for part in spec.path[:-1]:
+            node = node.setdefault(part, {})
+        node[spec.path[-1]] = leaf.astype(dtype)
+    return tree
