@@ -627,6 +627,11 @@ class BatchIterator:
                    padding=cfg.padding, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
     @property
+    def num_rows(self) -> int:
+        """Rows per epoch: examples, or packed rows with packing."""
+        return len(self.rows)
+
+    @property
     def steps_per_epoch(self) -> int:
         if self.drop_last:
             return len(self.rows) // self.batch_size

@@ -436,7 +436,7 @@ def test_batch_larger_than_dataset(tokenizer, rng):
     data = tokenized_texts(tokenizer, rng, 6)
     with pytest.raises(DataError, match="batch_size=7 is larger than the dataset: 6 examples"):
         BatchIterator(data, 7, seq_len=64)
-    packed_rows = len(BatchIterator(data, 1, seq_len=64, packing=True).rows)
+    packed_rows = BatchIterator(data, 1, seq_len=64, packing=True).num_rows
     with pytest.raises(DataError, match=f"batch_size={packed_rows + 1} .* {packed_rows} packed "
                                         "rows .*6 examples"):
         BatchIterator(data, packed_rows + 1, seq_len=64, packing=True)
