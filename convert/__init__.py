@@ -1,0 +1,1 @@
+"""Checkpoint formats: safetensors, HF names and configs, PEFT, GGUF, and tiny test checkpoints."""
