@@ -70,7 +70,7 @@ def attention_reference(
 # Logits are kept in base 2 (exp2 is one instruction): s = q.k * scale * log2(e), and the saved
 # logsumexp is base 2 as well. Masked logits are -inf; the running max starts at a finite
 # _ROW_MAX_INIT so a row that has seen only masked keys keeps max -1e30, p = exp2(-inf) = 0 and
-# l = 0, which the epilogue turns into output 0 and a finite lse of -1e30 (never NaN).
+# l = 0, which the epilogue turns into output 0 and lse = +1e30 (never NaN).
 #
 # Which key blocks a query block visits (and which of those need the causal / padding mask) is
 # computed in the wrapper as small int32 tables, one (lo, mid, hi) triple per block, read with
@@ -82,6 +82,9 @@ def attention_reference(
 
 _LOG2_E = math.log2(math.e)
 _ROW_MAX_INIT = -1e30
+# lse of a row that saw no key: any probability recomputed from it, exp2(s - 1e30), is 0, so
+# the backward never meets inf * 0 even where a larger backward tile sweeps over that row.
+_EMPTY_ROW_LSE = 1e30
 _MIN_BLOCK = 16  # tl.dot needs every matmul dimension >= 16
 
 
@@ -221,9 +224,10 @@ def _forward_kernel(ranges_ref, *refs, static: _Static, num_q_blocks: int):
     carry = lax.fori_loop(lo, mid, functools.partial(step, boundary=False), carry)
     carry = lax.fori_loop(mid, hi, functools.partial(step, boundary=True), carry)
     acc, row_max, row_sum = carry
-    safe_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
+    empty_row = row_sum == 0.0
+    safe_sum = jnp.where(empty_row, 1.0, row_sum)
     out_ref[...] = (acc / safe_sum[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = row_max + jnp.log2(safe_sum)
+    lse_ref[...] = jnp.where(empty_row, _EMPTY_ROW_LSE, row_max + jnp.log2(safe_sum))
 
 
 def _q_block_index(static: _Static, num_q_blocks: int):
