@@ -124,12 +124,19 @@ def test_rms_norm_backward_walks_several_row_blocks(monkeypatch):
     # Two backward programs, each looping over several two-row blocks, the last one partly masked:
     # the dweight partial sums and the row masks of the loop are what this checks.
     monkeypatch.setattr(rms_norm_module, "_BACKWARD_PROGRAMS", 2)
-    seed = int(np.random.default_rng().integers(2**31))
-    x, _, weight, (d_normed, _) = random_inputs(seed, (13,), 1536, jnp.float32)
     blocks = rms_norm_module._choose_blocks(13, 1536)
     assert blocks.rows_per_program // blocks.rows_per_block > 1
-    _, vjp = jax.vjp(lambda x, weight: rms_norm(x, weight, EPS), x, weight)
+    seed = int(np.random.default_rng().integers(2**31))
+    x, _, weight, (d_normed, _) = random_inputs(seed, (13,), 1536, jnp.float32)
+    # Traces are cached by function and shapes: drop them before and after, so that the patched
+    # block choice is what runs here and nothing traced under it is reused by another test.
+    jax.clear_caches()
+    try:
+        _, vjp = jax.vjp(lambda x, weight: rms_norm(x, weight, EPS), x, weight)
+        grads = vjp(d_normed)
+    finally:
+        jax.clear_caches()
     _, expected_vjp = jax.vjp(lambda x, weight: rms_norm_reference(x, weight, EPS), x, weight)
-    for name, actual, expected in zip(("dx", "dweight"), vjp(d_normed), expected_vjp(d_normed)):
+    for name, actual, expected in zip(("dx", "dweight"), grads, expected_vjp(d_normed)):
         error = relative_error(actual, expected)
         assert error <= 1e-5, f"{name}: relative error {error:.3g} > 1e-5 (seed {seed})"
