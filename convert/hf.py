@@ -236,33 +236,43 @@ def load_hf_params(
     tree: dict = {}
     with CheckpointReader(directory) as reader:
         specs = tensor_specs(config)
-        expected_names = {spec.hf_name.format(layer=i) for spec in specs for i in range(config.num_layers if spec.stacked else 1)}
+        check_checkpoint_tensors(reader, specs, config, directory)
         for spec in progress(specs):
             layer_count = config.num_layers if spec.stacked else 1
             stacked = np.empty(((layer_count,) if spec.stacked else ()) + spec.shape, dtype=dtype)
             for layer in range(layer_count):
-                name = spec.hf_name.format(layer=layer)
-                if name not in reader:
-                    raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint")
-                hf_shape = reader.shape(name)
-                want = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
-                if hf_shape != want:
-                    raise CheckpointError(
-                        f"{directory}: tensor {name!r} has shape {list(hf_shape)}, but config.json implies {list(want)}"
-                    )
-                tensor = reader.get(name)
+                tensor = reader.get(spec.hf_name.format(layer=layer))
                 target = stacked[layer] if spec.stacked else stacked
                 target[...] = (tensor.T if spec.transpose else tensor).astype(dtype)
+                del tensor
             _set_path(tree, spec.path, place(stacked))
-        unused = [name for name in reader.keys() if name not in expected_names and not name.endswith("rotary_emb.inv_freq")]
-        if config.tie_word_embeddings and "lm_head.weight" in unused:
-            unused.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-        if unused:
-            raise CheckpointError(
-                f"{directory}: the checkpoint holds tensors this {config.model_type} config does not use, "
-                f"e.g. {unused[:3]}; the config and the weights disagree"
-            )
     return tree
+
+
+def check_checkpoint_tensors(reader: CheckpointReader, specs: list[TensorSpec], config: ModelConfig, directory) -> None:
+    """Every expected tensor present with the shape config.json implies, and nothing unexpected,
+    checked from the file headers alone before any weight is read."""
+    expected = set()
+    for spec in specs:
+        for layer in range(config.num_layers if spec.stacked else 1):
+            name = spec.hf_name.format(layer=layer)
+            expected.add(name)
+            if name not in reader:
+                raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint")
+            hf_shape = reader.shape(name)
+            want = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
+            if hf_shape != want:
+                raise CheckpointError(
+                    f"{directory}: tensor {name!r} has shape {list(hf_shape)}, but config.json implies {list(want)}"
+                )
+    unused = [name for name in reader.keys() if name not in expected and not name.endswith("rotary_emb.inv_freq")]
+    if config.tie_word_embeddings and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if unused:
+        raise CheckpointError(
+            f"{directory}: the checkpoint holds tensors this {config.model_type} config does not use, "
+            f"e.g. {unused[:3]}; the config and the weights disagree"
+        )
 
 
 def hf_tensors_from_tree(tree: dict, config: ModelConfig, to_numpy: Callable[[Any], np.ndarray] = np.asarray) -> Iterator[tuple[str, np.ndarray]]:

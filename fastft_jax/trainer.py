@@ -308,8 +308,10 @@ class SFTTrainer:
         )
         self.eval_batches = None
         if self.eval_data is not None:
+            # Evaluate example by example (no packing), so the eval loss does not depend on how rows pack.
+            eval_config = dataclasses.replace(self.data_config, packing=False)
             self.eval_batches = BatchIterator.from_config(
-                self.eval_data, self.data_config, min(self.args.per_device_eval_batch_size, len(self.eval_data)),
+                self.eval_data, eval_config, min(self.args.per_device_eval_batch_size, len(self.eval_data)),
                 seed=self.args.seed, shuffle=False,
             )
         micro_per_epoch = self.train_batches.steps_per_epoch
@@ -373,7 +375,7 @@ class SFTTrainer:
         return jax.jit(train_step, donate_argnums=(0, 1))
 
     def _build_eval_step(self):
-        setup = LossSetup.of(self.model, use_segments=self.data_config.packing, gradient_checkpointing=False)
+        setup = LossSetup.of(self.model, use_segments=False, gradient_checkpointing=False)
 
         def eval_step(lora_params, base_params, step_inputs: StepInputs):
             micro = jax.tree.map(lambda x: x[0], step_inputs)

@@ -1,0 +1,175 @@
+"""The decoder against transformers, packing, sharded loading, and the loader's errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert.errors import CheckpointError, ConfigError, UnsupportedModelError
+from convert.safetensors_io import CheckpointReader, save_file
+from fastft_jax import FastLanguageModel
+from tests.conftest import relative_error, torch_logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+def test_logits_match_transformers(tiny_checkpoints, name):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints[name], dtype="float32")
+    rng = np.random.default_rng()
+    # 40 positions run past the llama3 scaling's original 16, so its smoothing band is exercised.
+    input_ids = rng.integers(0, model.config.vocab_size, (2, 40))
+    ours = np.asarray(model(input_ids))
+    ref = torch_logits(tiny_checkpoints[name], input_ids)
+    assert ours.shape == ref.shape
+    assert relative_error(ours, ref) <= 1e-5
+    assert len(tokenizer) <= model.config.vocab_size
+
+
+def test_checkpoints_cover_the_required_shapes(tiny_checkpoints):
+    configs = {name: FastLanguageModel.from_pretrained(path, dtype="float32")[0].config
+               for name, path in tiny_checkpoints.items()}
+    assert {c.tie_word_embeddings for c in configs.values()} == {True, False}
+    assert all(c.num_heads // c.num_kv_heads >= 2 for c in configs.values())
+    assert configs["qwen3"].head_dim != configs["qwen3"].hidden_size // configs["qwen3"].num_heads
+    assert configs["llama"].rope_scaling_dict["rope_type"] == "llama3"
+
+
+def test_linear_rope_scaling_from_max_seq_length(tmp_path):
+    """max_seq_length above max_position_embeddings turns on linear scaling, as in Unsloth; the
+    result equals transformers with that linear scaling written into the config."""
+    from convert.tiny import write_tiny_checkpoint
+
+    plain = write_tiny_checkpoint(tmp_path / "plain", arch="llama", max_position_embeddings=32)
+    scaled = write_tiny_checkpoint(tmp_path / "scaled", arch="llama", max_position_embeddings=32,
+                                   rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model, _ = FastLanguageModel.from_pretrained(plain, max_seq_length=64, dtype="float32")
+    assert model.config.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+    input_ids = np.random.default_rng().integers(0, model.config.vocab_size, (1, 50))
+    assert relative_error(model(input_ids), torch_logits(scaled, input_ids)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_packed_row_equals_separate_sequences(tiny_checkpoints, name):
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoints[name], dtype="float32")
+    rng = np.random.default_rng()
+    first = rng.integers(0, model.config.vocab_size, (1, 11))
+    second = rng.integers(0, model.config.vocab_size, (1, 6))
+    packed = np.concatenate([first, second], axis=1)
+    segment_ids = np.array([[1] * 11 + [2] * 6])
+    positions = np.array([list(range(11)) + list(range(6))])
+    packed_logits = np.asarray(model(packed, positions=positions, segment_ids=segment_ids))
+    separate = np.concatenate([np.asarray(model(first)), np.asarray(model(second))], axis=1)
+    assert relative_error(packed_logits, separate) <= 1e-5
+
+
+def test_sharded_checkpoint_gives_the_same_model(tiny_checkpoints, tmp_path):
+    from convert.tiny import write_sharded_copy
+
+    sharded = write_sharded_copy(tiny_checkpoints["qwen2"], tmp_path / "sharded", num_shards=3)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3
+    single, _ = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="float32")
+    multi, _ = FastLanguageModel.from_pretrained(sharded, dtype="float32")
+    leaves_single = jax.tree.leaves(single.base_params())
+    leaves_multi = jax.tree.leaves(multi.base_params())
+    assert len(leaves_single) == len(leaves_multi)
+    for a, b in zip(leaves_single, leaves_multi):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_load_casts_weights(tiny_checkpoints):
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="bfloat16")
+    assert model.base_params()["embed"].dtype == jnp.bfloat16
+    input_ids = np.random.default_rng().integers(0, model.config.vocab_size, (1, 9))
+    reference, _ = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="float32")
+    assert relative_error(model(input_ids), reference(input_ids)) <= 5e-2
+
+
+# -- errors: one clear message naming the file, key or value, before any long work -------------
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_error_directory_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="not a local directory"):
+        FastLanguageModel.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="hub access"):
+        FastLanguageModel.from_pretrained("meta-llama/Llama-3.1-8B")
+
+
+def test_error_config_missing(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    (directory / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def test_error_unsupported_model_type(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    _edit_config(directory, model_type="mistral")
+    with pytest.raises(UnsupportedModelError, match="'mistral'"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def test_error_unknown_rope_scaling(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    _edit_config(directory, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
+    with pytest.raises(UnsupportedModelError, match="'yarn'"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def test_error_sliding_window_and_activation(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["qwen2"], tmp_path / "ckpt")
+    _edit_config(directory, use_sliding_window=True)
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        FastLanguageModel.from_pretrained(directory)
+    _edit_config(directory, use_sliding_window=False, hidden_act="gelu")
+    with pytest.raises(UnsupportedModelError, match="'gelu'"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def _rewrite_weights(directory, edit):
+    path = directory / "model.safetensors"
+    with CheckpointReader(directory) as reader:
+        tensors = {name: np.array(reader.get(name)) for name in reader.keys()}
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_error_tensor_missing(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    _rewrite_weights(directory, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def test_error_tensor_shape_mismatch(tiny_checkpoints, tmp_path):
+    directory = _copy(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    _edit_config(directory, intermediate_size=config["intermediate_size"] + 8)
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight' has shape .* implies"):
+        FastLanguageModel.from_pretrained(directory)
+
+
+def test_error_unknown_dtype(tiny_checkpoints):
+    with pytest.raises(ConfigError, match="'float8'"):
+        FastLanguageModel.from_pretrained(tiny_checkpoints["llama"], dtype="float8")
+
+
+def test_load_in_4bit_not_yet(tiny_checkpoints):
+    with pytest.raises(NotImplementedError, match="load_in_4bit"):
+        FastLanguageModel.from_pretrained(tiny_checkpoints["llama"], load_in_4bit=True)
