@@ -116,7 +116,9 @@ def choose_block_sizes(seq_q: int, seq_k: int, head_dim_padded: int, interpret: 
     elif head_dim_padded <= 64:
         blocks = BlockSizes(128, 64, 4, 3, 64, 128, 4, 2, 128, 64, 4, 2)
     else:
-        blocks = BlockSizes(128, 64, 8, 3, 64, 64, 4, 2, 64, 64, 4, 2)
+        # FlashAttention-2's CUDA tiles for head_dim 128 (forward 128x64, dK/dV 64 queries x 128
+        # keys on 8 warps); bench/attention.py sweeps the alternatives on the GPU.
+        blocks = BlockSizes(128, 64, 8, 3, 64, 128, 8, 2, 128, 64, 8, 2)
     return _fit_blocks(blocks, seq_q, seq_k)
 
 
