@@ -107,12 +107,10 @@ class BlockSizes:
 
 
 def choose_block_sizes(seq_q: int, seq_k: int, head_dim_padded: int, interpret: bool) -> BlockSizes:
-    """Tiles for a GPU launch, or small tiles in interpret mode where cost is grid x tile work."""
+    """Tiles for a GPU launch. In interpret mode (CPU tests) 32-token tiles give the short test
+    sequences several blocks each, so the block skipping and the range tables are exercised."""
     if interpret:
-        tile = 32
-        fwd_q = fwd_k = bwd_q = bwd_k = tile
-        warps, stages = 4, 2
-        blocks = BlockSizes(fwd_q, fwd_k, warps, stages, bwd_q, bwd_k, warps, stages, bwd_q, bwd_k, warps, stages)
+        blocks = BlockSizes(32, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2)
     elif head_dim_padded <= 64:
         blocks = BlockSizes(128, 64, 4, 3, 64, 128, 4, 2, 128, 64, 4, 2)
     else:
@@ -549,6 +547,8 @@ def flash_attention(
     seq_k, heads_kv = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"flash_attention: k {k.shape} and v {v.shape} must be [batch, seq_k, heads_kv, {head_dim}]")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them first")
     if heads_q % heads_kv != 0:
         raise ValueError(f"flash_attention: heads_q={heads_q} is not a multiple of heads_kv={heads_kv}")
     if segment_ids is not None and (seq_q != seq_k or segment_ids.shape != (batch, seq_q)):
