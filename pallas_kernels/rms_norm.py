@@ -94,6 +94,9 @@ def _forward_kernel(*refs, rows: int, hidden: int, eps: float, has_residual: boo
 # dr/dx_j = -r^3 x_j / d,
 #   dx_j = r g_j - (r^3 / d) x_j sum_i g_i x_i = r (g_j - n_j mean_i(g_i n_i)),
 #   dw   = sum over rows of dy n.
+# All of it in float32 from the stored inputs: the forward's roundings to the input dtype (of n,
+# and of w when it is wider than x) are treated as the identity, so this is the gradient of RMSNorm
+# itself, rounded once; the bfloat16 reference's autodiff also rounds g and every product of dw.
 # With the residual add, s = x + residual is what gets normalised, and x and residual both receive
 # ds = d(summed) + (the dx above, evaluated at s).
 def _backward_kernel(*refs, rows: int, hidden: int, rows_per_block: int, has_residual: bool):
