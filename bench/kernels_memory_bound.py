@@ -219,10 +219,12 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
 # Block settings the sweep tries, per kernel module: (module, attribute, values).
 SWEEPS = {
     "rms_norm": [(rms_norm_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192)),
-                 (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048))],
+                 (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048)),
+                 (rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
-    "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384))],
+    "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384)),
+                (rope_module, "_ELEMENTS_PER_THREAD", (4, 8, 16, 32))],
 }
 
 

@@ -39,6 +39,9 @@ _BLOCK_ELEMENTS = 4096
 # The backward aims at about this many programs: a few waves over an H100's 132 SMs, few enough
 # that the dweight partial sums stay small.
 _BACKWARD_PROGRAMS = 512
+# Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
+# copy of the block stays in registers.
+_ELEMENTS_PER_THREAD = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +56,7 @@ def _choose_blocks(rows: int, hidden: int) -> _Blocks:
     hidden_pad = next_power_of_2(hidden)
     rows_per_block = max(1, min(next_power_of_2(rows), _BLOCK_ELEMENTS // hidden_pad))
     rows_per_program = max(rows_per_block, next_power_of_2(cdiv(rows, _BACKWARD_PROGRAMS)))
-    elements = rows_per_block * hidden_pad
-    # 8 to 16 elements a thread: wide vector loads, and the float32 row stays in registers.
-    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16
+    num_warps = min(16, max(4, rows_per_block * hidden_pad // (32 * _ELEMENTS_PER_THREAD)))
     return _Blocks(hidden_pad, rows_per_block, rows_per_program, num_warps)
 
 

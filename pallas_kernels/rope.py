@@ -81,13 +81,18 @@ def rope_reference(
 # Elements (tokens x padded heads x padded head_dim, q and k together) a program holds: one token
 # of a 32 + 8 head, 128-dim model is 5k, smaller models get several tokens to a program.
 _BLOCK_ELEMENTS = 4096
+# Elements of the largest half-head load ([tokens, heads, half]) per thread: 16 bf16 values are
+# two 16-byte vector loads.
+_ELEMENTS_PER_THREAD = 16
 
 
-def _choose_blocks(tokens: int, padded_elements_per_token: int) -> tuple[int, int]:
-    tokens_per_block = max(1, min(next_power_of_2(tokens), _BLOCK_ELEMENTS // padded_elements_per_token))
-    elements = tokens_per_block * padded_elements_per_token
-    # 8 to 16 elements a thread across the two halves.
-    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16
+def _choose_blocks(tokens: int, heads_pad: tuple[int, ...], half_pad: int) -> tuple[int, int]:
+    per_token = sum(heads_pad) * 2 * half_pad
+    fitting = max(1, _BLOCK_ELEMENTS // per_token)
+    # Round down to a power of 2: the positions block is an array of the kernel.
+    tokens_per_block = min(next_power_of_2(tokens), 1 << (fitting.bit_length() - 1))
+    largest_load = tokens_per_block * max(heads_pad) * half_pad
+    num_warps = min(16, max(1, largest_load // (32 * _ELEMENTS_PER_THREAD)))
     return tokens_per_block, num_warps
 
 
@@ -125,7 +130,7 @@ def _rotate(tensors, positions, inv_freq: tuple[float, ...], sin_sign: float):
     half_pad = next_power_of_2(half)
     heads = tuple(tensor.shape[2] for tensor in tensors)
     heads_pad = tuple(next_power_of_2(num_heads) for num_heads in heads)
-    tokens_per_block, num_warps = _choose_blocks(tokens, sum(heads_pad) * 2 * half_pad)
+    tokens_per_block, num_warps = _choose_blocks(tokens, heads_pad, half_pad)
     # The block's last dim is 2 * half_pad so that the second-half window [half, half + half_pad)
     # lies inside it (the interpreter pads each block to its block shape).
     tensor_specs = [

@@ -69,6 +69,8 @@ CASES = [
     (128, 32, 8, 7, "llama3", jnp.bfloat16),
     (80, 28, 4, 7, None, jnp.float32),
     (128, 28, 4, 17, "linear", jnp.float32),
+    # 4 + 2 heads: 384 elements a token, several (a power of 2 of) tokens to a program.
+    (64, 4, 2, 17, None, jnp.float32),
 ]
 
 
