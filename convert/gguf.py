@@ -70,13 +70,6 @@ def permute_for_llama_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(weights.shape))
 
 
-def unpermute_for_llama_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of permute_for_llama_rope."""
-    return (weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
-
-
 def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
     """Per-frequency divisors of llama3 rope scaling (rope_freqs.weight): 1 for high frequencies,
     factor for low ones, a smooth blend between, as HF's _compute_llama3_parameters and

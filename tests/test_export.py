@@ -395,3 +395,26 @@ def test_other_unsupported_adapters_get_clear_errors(checkpoints, llama_adapter,
     with pytest.raises(ConfigError, match="save_method"):
         model, _ = FastLanguageModel.from_pretrained(checkpoints[("llama", False)], dtype="float32")
         export.save_pretrained_merged(model, tmp_path / "x", save_method="merged_4bit")
+
+
+def test_peft_key_variants_load_the_same_tree(checkpoints, llama_adapter, tmp_path):
+    from convert.hf import model_config_from_hf, read_config_json
+    from convert.safetensors_io import save_file
+
+    config = model_config_from_hf(read_config_json(checkpoints[("llama", False)]))
+    _, expected = load_peft_adapter(llama_adapter, config)
+    weights = SafetensorsFile(llama_adapter / WEIGHTS_NAME)
+    tensors = {key: np.array(weights.get(key)) for key in weights.keys()}
+    weights.close()
+    renames = {
+        "with-adapter-name": lambda key: key.replace(".weight", ".default.weight"),
+        "without-prefix": lambda key: key.removeprefix("base_model.model."),
+        "without-model": lambda key: key.removeprefix("base_model.model.model."),
+    }
+    for variant, rename in renames.items():
+        directory = tmp_path / variant
+        directory.mkdir()
+        (directory / CONFIG_NAME).write_text((llama_adapter / CONFIG_NAME).read_text())
+        save_file({rename(key): value for key, value in tensors.items()}, directory / WEIGHTS_NAME)
+        _, loaded = load_peft_adapter(directory, config)
+        jax.tree.map(np.testing.assert_array_equal, loaded, expected)
