@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import gguf
 import numpy as np
+from jaxtyping import Float
 
 from convert.errors import CheckpointError, ConfigError, FastFTError, UnsupportedModelError
 from convert.hf import ModelConfig, model_config_from_hf, read_config_json, tensor_specs
@@ -61,7 +62,7 @@ def tensor_types(out_type: str):
     return table[key]
 
 
-def permute_for_llama_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
+def permute_for_llama_rope(weights: Float[np.ndarray, "rows *cols"], n_head: int) -> Float[np.ndarray, "rows *cols"]:
     """HF orders each head's rows as [first halves of the pairs, second halves] (rotate-half RoPE);
     llama.cpp's LLAMA rope rotates adjacent pairs. Interleave the two halves of every head: the
     `permute` of convert_hf_to_gguf.py, applied to q_proj with n_head and k_proj with n_kv_head."""
@@ -70,7 +71,7 @@ def permute_for_llama_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(weights.shape))
 
 
-def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
+def llama3_rope_factors(config: ModelConfig) -> Float[np.ndarray, " half_head_dim"]:
     """Per-frequency divisors of llama3 rope scaling (rope_freqs.weight): 1 for high frequencies,
     factor for low ones, a smooth blend between, as HF's _compute_llama3_parameters and
     convert_hf_to_gguf.py compute them. llama.cpp reads original_max_position_embeddings from the

@@ -1,13 +1,15 @@
 """Leaving fastft-jax: PEFT adapters, merged HF checkpoints and GGUF files from a CausalLM, and
 adapters loaded back onto one. The formats live in convert/ (peft.py, merge.py, gguf.py); this
-module only connects them to the model."""
+module only connects them to the model (CausalLM's save_pretrained, save_pretrained_merged,
+save_pretrained_gguf and load_adapter, and FastLanguageModel.from_pretrained on an adapter
+directory)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +21,9 @@ from convert.merge import copy_tokenizer_files, merge_lora, save_merged_checkpoi
 from convert.peft import CONFIG_NAME, load_peft_adapter, read_adapter_config, save_peft_adapter
 from convert.safetensors_io import AtomicDirectory
 from fastft_jax.lora import LoRAConfig, lora_from_numpy
-from fastft_jax.model import CausalLM
+
+if TYPE_CHECKING:  # model.py may import this module for its save_* methods
+    from fastft_jax.model import CausalLM
 
 SAVE_METHODS = ("merged_16bit", "lora")
 
