@@ -275,7 +275,8 @@ def main() -> None:
     rng = np.random.default_rng()
     results: dict[str, Any] = {
         "jax": jax.__version__, "device": device.device_kind, "dtype": "bfloat16",
-        "batch": args.batch, "seq": args.seq, "copy_GBps": copy_gbps, "timing": f"median of {args.iters} calls after {args.warmup} warm-up calls",
+        "batch": args.batch, "seq": args.seq, "copy_GBps": copy_gbps,
+        "timing": f"median of {args.iters} calls after {args.warmup} warm-up calls",
         "checks": [], "rows": [], "sweep": [], "failures": [],
     }
     for model in MODELS:
@@ -295,36 +296,53 @@ def main() -> None:
                 for row in results["rows"][-3:]:
                     print(f"  {row['pass']:8s} kernel {row['kernel_ms']:.3f} ms  xla {row['xla_ms']:.3f} ms  "
                           f"ratio {row['kernel_over_xla']:.2f}", flush=True)
-                if not args.no_sweep:
-                    results["sweep"] += sweep_case(case, cotangent, args.warmup, max(10, args.iters // 2))
             except Exception as error:
                 traceback.print_exc()
                 results["failures"].append({"case": label, "error": f"{type(error).__name__}: {error}"[:2000]})
+    print_table(results)
+    write_json(results)
 
+    # The sweep comes last, so that a run cut short by a time limit still has the table above.
+    if not args.no_sweep:
+        for model in MODELS:
+            for case in make_cases(model, args.batch, args.seq, rng):
+                if case.op in SWEEPS:
+                    results["sweep"] += sweep_case(case, random_cotangent(case, rng), args.warmup,
+                                                   max(10, args.iters // 2))
+        print_sweep(results)
+        write_json(results)
+
+
+def print_table(results: dict[str, Any]) -> None:
     header = (f"{'op':18s} {'model':11s} {'pass':8s} {'kernel ms':>9s} {'xla ms':>8s} {'kern GB/s':>9s} "
               f"{'xla GB/s':>8s} {'kern %cp':>8s} {'xla %cp':>7s} {'k/xla':>6s}")
-    print(f"\ncopy bandwidth {copy_gbps:.0f} GB/s; {results['timing']}; bf16\n{header}\n{'-' * len(header)}")
+    print(f"\ncopy bandwidth {results['copy_GBps']:.0f} GB/s; {results['timing']}; bf16\n{header}\n{'-' * len(header)}")
     for row in results["rows"]:
         print(f"{row['op']:18s} {row['model']:11s} {row['pass']:8s} {row['kernel_ms']:9.3f} {row['xla_ms']:8.3f} "
               f"{row['kernel_GBps']:9.0f} {row['xla_GBps']:8.0f} {row['kernel_pct_copy']:7.0f}% "
               f"{row['xla_pct_copy']:6.0f}% {row['kernel_over_xla']:6.2f}")
-    if results["sweep"]:
-        print("\nblock-size sweep (kernel only; * = current default)")
-        for row in results["sweep"]:
-            if "error" in row:
-                print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s} ERROR {row['error'][:120]}")
-            else:
-                mark = "*" if row["default"] else " "
-                print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s}{mark} "
-                      f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms")
     bad_checks = [c for c in results["checks"] if not c["ok"]]
     print(f"\nchecks: {len(results['checks']) - len(bad_checks)}/{len(results['checks'])} within 1e-2 of the "
-          f"float32 reference; failures: {len(results['failures'])}")
+          f"float32 reference; failures: {len(results['failures'])}", flush=True)
+
+
+def print_sweep(results: dict[str, Any]) -> None:
+    print("\nblock-size sweep (kernel only; * = current default)")
+    for row in results["sweep"]:
+        if "error" in row:
+            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s} ERROR {row['error'][:120]}")
+        else:
+            mark = "*" if row["default"] else " "
+            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s}{mark} "
+                  f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
+
+
+def write_json(results: dict[str, Any]) -> None:
     out_dir = os.environ.get("OUT")
     if out_dir:
         path = Path(out_dir) / "kernels_memory_bound.json"
         path.write_text(json.dumps(results, indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
