@@ -267,11 +267,10 @@ def test_merged_checkpoint_carries_the_rope_scaling_the_model_ran_with(checkpoin
     export.save_pretrained_merged(model, tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
+    # Linear scaling halves every rotation angle, so a short sequence already tells it apart; far
+    # positions would only add float32 rounding of large angles.
     input_ids = rng.integers(0, VOCAB_IN_USE, (1, 40))
-    positions = np.broadcast_to(np.arange(3000, 3040), (1, 40))
-    with torch.no_grad():
-        theirs = hf_model(tmp_path / "merged")(torch.as_tensor(input_ids), position_ids=torch.as_tensor(positions)).logits
-    error = relative_error(model(input_ids, positions), theirs.numpy())
+    error = relative_error(model(input_ids), hf_logits(hf_model(tmp_path / "merged"), input_ids))
     assert error <= FLOAT32_TOLERANCE, f"{error:.3g} (seed {seed})"
 
 
