@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from convert.errors import CheckpointError, ConfigError, FastFTError
+from convert.errors import ConfigError, FastFTError
 from convert.hf import get_path, hf_tensors_from_tree, load_hf_params, model_config_from_hf, read_config_json, ModelConfig
 from convert.peft import load_peft_adapter, lora_scales
 from convert.safetensors_io import AtomicDirectory, save_sharded
