@@ -80,7 +80,7 @@ class FastLanguageModel:
     ) -> tuple[CausalLM, Any]:
         """Load a local HF checkpoint directory. Returns (model, tokenizer)."""
         ignored = {"token", "device_map", "trust_remote_code", "fix_tokenizer", "full_finetuning", "use_gradient_checkpointing"}
-        unknown = sorted(set(kwargs) - ignored)
+        unknown = sorted(set(kwargs) - ignored - {"base_model_path"})
         if unknown:
             raise ConfigError(f"from_pretrained got unknown arguments {unknown}")
         directory = Path(model_name).expanduser()
@@ -88,6 +88,13 @@ class FastLanguageModel:
             raise CheckpointError(
                 f"model_name {str(model_name)!r} is not a local directory; fastft-jax has no hub access, so "
                 "download the checkpoint first and pass its directory"
+            )
+        if (directory / "adapter_config.json").is_file():
+            from fastft_jax.export import load_from_adapter_dir
+
+            return load_from_adapter_dir(
+                directory, base_model_path=kwargs.pop("base_model_path", None), max_seq_length=max_seq_length,
+                dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, kernels=kernels, **kwargs,
             )
         if load_in_4bit or load_in_8bit:
             raise NotImplementedError(

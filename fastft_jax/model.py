@@ -236,6 +236,31 @@ class CausalLM(nnx.Module):
             config=self.config, lora_config=self.lora_config, ops_config=self.ops_config, compute_dtype=self.dtype,
         )
 
+    # -- export (PEFT adapter, merged HF checkpoint, GGUF): fastft_jax/export.py -------------------
+    def save_pretrained(self, save_directory, overwrite: bool = False, **_ignored):
+        """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from fastft_jax import export
+
+        return export.save_pretrained(self, save_directory, overwrite=overwrite)
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit",
+                               max_shard_size: str = "5GB", overwrite: bool = False):
+        """W + scale·(A·B) in float32, cast to the model's dtype, as an HF checkpoint."""
+        from fastft_jax import export
+
+        return export.save_pretrained_merged(self, save_directory, tokenizer, save_method, max_shard_size, overwrite)
+
+    def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method: str = "f16",
+                             overwrite: bool = False):
+        from fastft_jax import export
+
+        return export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, overwrite)
+
+    def load_adapter(self, adapter_dir):
+        from fastft_jax import export
+
+        return export.load_adapter(self, adapter_dir)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         tree = self.lora_params() if trainable_only else (self.base_params(), self.lora_params())
         return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))

@@ -228,9 +228,31 @@ def token_loss_sum(
                              normalizer, setup.ops_config)
 
 
+def accumulate_gradients(
+    lora_params: dict, base_params: dict, step_inputs: StepInputs, setup: LossSetup, step_key: Array | None,
+) -> tuple[Array, dict, Array]:
+    """Loss and gradient of one optimizer step over its micro-batches. Every micro-batch's token
+    losses are divided by the trained-token count of the whole step, so the sum over micro-batches
+    is the mean over all trained tokens: exactly one big batch's loss and gradient."""
+    normalizer = jnp.maximum(jnp.sum(step_inputs.labels != IGNORE_INDEX), 1).astype(jnp.float32)
+    loss_and_grad = jax.value_and_grad(token_loss_sum)
+
+    def accumulate(carry, per_micro):
+        grads_sum, loss_sum = carry
+        micro, index = per_micro
+        rng = None if step_key is None else jax.random.fold_in(step_key, index)
+        loss, grads = loss_and_grad(lora_params, base_params, micro, normalizer, rng, setup)
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+
+    zeros = jax.tree.map(jnp.zeros_like, lora_params)
+    count = step_inputs.input_ids.shape[0]
+    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (step_inputs, jnp.arange(count)))
+    return loss, grads, normalizer
+
+
 def clip_by_global_norm_like_torch(grads: Any, max_norm: float) -> tuple[Any, Array]:
     """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     if max_norm is None or max_norm <= 0:
         return grads, norm
     coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
@@ -351,21 +373,8 @@ class SFTTrainer:
         use_dropout = self.model.lora_config.dropout > 0
 
         def train_step(lora_params, opt_state, base_params, step_inputs: StepInputs, step, seed_key):
-            normalizer = jnp.maximum(jnp.sum(step_inputs.labels != IGNORE_INDEX), 1).astype(jnp.float32)
-            loss_and_grad = jax.value_and_grad(token_loss_sum)
-            step_key = jax.random.fold_in(seed_key, step)
-
-            def accumulate(carry, per_micro):
-                grads_sum, loss_sum = carry
-                micro, index = per_micro
-                rng = jax.random.fold_in(step_key, index) if use_dropout else None
-                loss, grads = loss_and_grad(lora_params, base_params, micro, normalizer, rng, setup)
-                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
-
-            zeros = jax.tree.map(jnp.zeros_like, lora_params)
-            count = step_inputs.input_ids.shape[0]
-            (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                            (step_inputs, jnp.arange(count)))
+            step_key = jax.random.fold_in(seed_key, step) if use_dropout else None
+            loss, grads, normalizer = accumulate_gradients(lora_params, base_params, step_inputs, setup, step_key)
             grads, grad_norm = clip_by_global_norm_like_torch(grads, args.max_grad_norm)
             updates, opt_state = optimizer.update(grads, opt_state, lora_params)
             lora_params = optax.apply_updates(lora_params, updates)
