@@ -142,11 +142,12 @@ def test_memory_is_bounded_by_the_chunk(impl):
     d, vocab = 64, 4096
     fused = lambda h, w, labels: fused_linear_cross_entropy(h, w, labels, impl=impl, chunk_size=256)
     small, large = _temp_bytes(fused, 512, d, vocab), _temp_bytes(fused, 2048, d, vocab)
-    ref_small = _temp_bytes(fused_linear_cross_entropy_reference, 512, d, vocab)
     ref_large = _temp_bytes(fused_linear_cross_entropy_reference, 2048, d, vocab)
     logits_bytes = 2048 * vocab * 4
-    # The reference holds [n, vocab] logits, so its temp grows with n: the check can tell the two apart.
-    assert ref_large >= 3 * ref_small and ref_large >= logits_bytes
+    # The reference holds [n, vocab] logits, so the bound below tells the two apart. (How much the
+    # reference's temp grows from n=512 to 2048 depends on the backend's fusion: 4x on the CPU, 1.6x
+    # under XLA:GPU, so only its absolute size is checked.)
+    assert ref_large >= logits_bytes
     assert large <= 1.25 * small, (small, large)
     assert large < logits_bytes, (large, logits_bytes)
 
