@@ -261,6 +261,12 @@ class CausalLM(nnx.Module):
 
         return export.load_adapter(self, adapter_dir)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """KV-cache generation, as transformers' generate (fastft_jax/generate.py)."""
+        from fastft_jax.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         tree = self.lora_params() if trainable_only else (self.base_params(), self.lora_params())
         return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))

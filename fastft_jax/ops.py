@@ -101,8 +101,13 @@ class OpsConfig:
             return "reference"
         return choice
 
-    def describe(self) -> dict[str, str]:
-        return {op: self.resolve(op) for op in OP_NAMES}
+    def describe(self, packed_rows: bool | None = None) -> dict[str, str]:
+        """The implementation each op runs; for attention under "auto", what padded and packed rows get."""
+        chosen = {op: self.resolve(op) for op in OP_NAMES}
+        if chosen["attention"] == "auto":
+            chosen["attention"] = {True: "pallas (packed rows)", False: "cudnn (no segment ids)"}.get(
+                packed_rows, "cudnn without segment ids, pallas flash with them")
+        return chosen
 
 
 def _kernel(op: str):

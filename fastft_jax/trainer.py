@@ -325,6 +325,8 @@ class SFTTrainer:
             self.eval_data, _ = prepare_datasets(dataclasses.replace(self.data_config, eval_fraction=0.0, eval_path=None),
                                                  self.tokenizer, source=eval_source, seed=self.args.seed)
         print(f"fastft_jax: train data: {self.train_data.stats}")
+        kernels = self.model.ops_config.describe(packed_rows=self.data_config.packing)
+        print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
         self.train_batches = BatchIterator.from_config(
             self.train_data, self.data_config, self.args.per_device_train_batch_size, seed=self.args.seed
         )

@@ -41,6 +41,23 @@ def test_quickstart_trains_with_a_falling_loss(demo_checkpoint, tmp_path, capsys
     assert (out / "loss_curve.png").stat().st_size > 1000
 
 
+def test_run_exports_merged_checkpoint_and_gguf(demo_checkpoint, tmp_path):
+    import gguf
+
+    out = tmp_path / "out"
+    code = main(["--config", str(ROOT / "examples/quickstart.yaml"), "--set", f"model.name={demo_checkpoint}",
+                 "--set", f"training.output_dir={out}", "--set", "training.max_steps=2",
+                 "--set", f"data.path={ROOT / 'examples/data/reasoning.jsonl'}",
+                 "--set", "export.merged=true", "--set", "export.gguf=q8_0"])
+    assert code == 0
+    merged = out / "merged_model"
+    assert (merged / "config.json").exists() and (merged / "tokenizer_config.json").exists()
+    gguf_files = list((out / "gguf").glob("*.gguf"))
+    assert len(gguf_files) == 1
+    reader = gguf.GGUFReader(str(gguf_files[0]))
+    assert any(tensor.name == "token_embd.weight" for tensor in reader.tensors)
+
+
 def _write_yaml(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

@@ -320,3 +320,15 @@ def test_error_unknown_training_argument():
     with pytest.raises(ConfigError, match="did you mean `learning_rate`"):
         TrainingArguments(learning_rat=1e-4)
     assert TrainingArguments(report_to="none", optim="adamw_8bit").optim == "adamw_8bit"
+
+
+def test_eval_loss_is_logged(tiny_checkpoints, tmp_path, capsys):
+    rows = make_rows(12, np.random.default_rng())
+    _, _, trainer = build(tiny_checkpoints["qwen2"], tmp_path, rows, max_steps=2, eval_strategy="steps", eval_steps=1,
+                          data=data_config(eval_fraction=0.25))
+    assert "kernels: rms_norm=reference" in capsys.readouterr().out
+    trainer.train()
+    evals = [r for r in trainer.log_history if "eval_loss" in r]
+    assert len(evals) >= 2 and all(np.isfinite(r["eval_loss"]) for r in evals)
+    direct = trainer.evaluate()
+    assert direct["eval_tokens"] > 0 and abs(direct["eval_loss"] - evals[-1]["eval_loss"]) < 1e-5
