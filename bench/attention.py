@@ -48,6 +48,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import relative_error, short_error, time_ms  # noqa: E402
+
 from pallas_kernels import attention as attention_module  # noqa: E402
 from pallas_kernels.attention import BlockSizes, attention_reference, flash_attention  # noqa: E402
 
@@ -57,9 +59,6 @@ SEQS = ((2048, 8), (8192, 2), (32768, 1))  # tokens per row, batch
 XLA_MAX_LOGIT_BYTES = 24e9  # float32 [b, h, T, T] logits above this are not attempted with XLA
 
 
-def short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return " | ".join(line.strip() for line in text[:3])[:400]
 
 
 def causal_flops(batch: int, seq: int, heads_q: int, head_dim: int) -> float:
@@ -67,23 +66,8 @@ def causal_flops(batch: int, seq: int, heads_q: int, head_dim: int) -> float:
     return 4.0 * batch * heads_q * seq * seq * head_dim / 2
 
 
-def time_jax_ms(fn, *args, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
 
 
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(jnp.asarray(actual, jnp.float32))
-    expected = np.asarray(jnp.asarray(expected, jnp.float32))
-    if not np.all(np.isfinite(actual)):
-        return float("nan")
-    return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
 
 
 def random_qkv(key, batch, seq_q, seq_k, heads_q, heads_kv, head_dim):
@@ -221,7 +205,7 @@ def bench_jax(name, maker, model, batch, seq, warmup, iters) -> dict[str, Any]:
             ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops),
         ):
             try:
-                ms = time_jax_ms(fn, *args, warmup=warmup, iters=iters)
+                ms = time_ms(fn, *args, warmup=warmup, iters=iters)
                 row[f"{pass_name}_ms"] = ms
                 row[f"{pass_name}_tflops"] = pass_flops / (ms * 1e-3) / 1e12
             except Exception as exc:  # noqa: BLE001
@@ -323,7 +307,7 @@ def packed_rows(model, batch, seq, segments, warmup, iters) -> list[dict[str, An
         try:
             forward, fwd_bwd = make_ours(heads_q, heads_kv, segment_ids=segs)
             for pass_name, fn, args in (("fwd", forward, (q, k, v)), ("fwd_bwd", fwd_bwd, (q, k, v, d_out))):
-                ms = time_jax_ms(fn, *args, warmup=warmup, iters=iters)
+                ms = time_ms(fn, *args, warmup=warmup, iters=iters)
                 row[f"{pass_name}_ms"] = ms
                 row[f"{pass_name}_tokens_per_s"] = batch * seq / (ms * 1e-3)
         except Exception as exc:  # noqa: BLE001
@@ -350,7 +334,7 @@ def sweep(model, batch, seq, warmup, iters) -> list[dict[str, Any]]:
         blocks = BlockSizes(bq, bk, warps, stages, *dataclass_tail(default, "bwd"))
         row: dict[str, Any] = {"pass": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages}
         try:
-            ms = time_jax_ms(make_ours(heads_q, heads_kv, block_sizes=blocks)[0], q, k, v, warmup=warmup, iters=iters)
+            ms = time_ms(make_ours(heads_q, heads_kv, block_sizes=blocks)[0], q, k, v, warmup=warmup, iters=iters)
             row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
         except Exception as exc:  # noqa: BLE001
             row["error"] = short_error(exc)
@@ -360,7 +344,7 @@ def sweep(model, batch, seq, warmup, iters) -> list[dict[str, Any]]:
         blocks = BlockSizes(*dataclass_tail(default, "fwd"), *choice)
         row = {"pass": "fwd_bwd", "dkv": list(choice[:4]), "dq": list(choice[4:])}
         try:
-            ms = time_jax_ms(make_ours(heads_q, heads_kv, block_sizes=blocks)[1], q, k, v, d_out, warmup=warmup,
+            ms = time_ms(make_ours(heads_q, heads_kv, block_sizes=blocks)[1], q, k, v, d_out, warmup=warmup,
                              iters=iters)
             row.update(ms=ms, tflops=3.5 * flops / (ms * 1e-3) / 1e12)
         except Exception as exc:  # noqa: BLE001

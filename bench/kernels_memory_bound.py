@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench.timing import relative_error, time_ms  # noqa: E402
 
 from pallas_kernels import rms_norm as rms_norm_module  # noqa: E402
 from pallas_kernels import rope as rope_module  # noqa: E402
@@ -133,15 +134,6 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def time_ms(fn, *args, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
 
 
 def copy_bandwidth_gbps(gib: float, warmup: int, iters: int) -> float:
@@ -151,10 +143,6 @@ def copy_bandwidth_gbps(gib: float, warmup: int, iters: int) -> float:
     return 2 * array.nbytes / (ms * 1e-3) / 1e9
 
 
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
 def random_cotangent(case: Case, rng: np.random.Generator):

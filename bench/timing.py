@@ -1,0 +1,38 @@
+"""What every bench script shares: wall-clock timing of jax calls, error strings for the tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_ms(fn, *args, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn(*args) after warm-up, each call ended by block_until_ready, so
+    compilation stays out of the number."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def short_error(exc: BaseException) -> str:
+    """The first lines of an exception, for a table cell."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return " | ".join(line.strip() for line in text[:3])[:400]
+
+
+def relative_error(actual, expected) -> float:
+    """max|actual - expected| / max|expected| in float32; NaN when actual has non-finite values."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    if not np.all(np.isfinite(actual)):
+        return float("nan")
+    return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
