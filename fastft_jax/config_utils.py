@@ -39,8 +39,23 @@ def _matches(value: Any, expected: Any) -> bool:
     return True
 
 
+def type_name(expected: Any) -> str:
+    """'int', 'str or null', 'tuple[str, ...]': the type as a YAML user reads it."""
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        return " or ".join(type_name(option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    return getattr(expected, "__name__", str(expected)) if typing.get_origin(expected) is None else str(expected)
+
+
+def _wants_float(expected: Any) -> bool:
+    options = typing.get_args(expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else (expected,)
+    return float in options and int not in options
+
+
 def dataclass_from_dict(cls: type, values: Mapping[str, Any], where: str, *, accepted_without_effect: frozenset = frozenset()):
-    """Build cls from a mapping: unknown keys and wrong types raise a ConfigError naming the key."""
+    """Build cls from a mapping: unknown keys and wrong types raise a ConfigError naming the key
+    (and, for an unknown key, the nearest valid one). YAML's 2 for a float field becomes 2.0."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     fields = {field.name: field for field in dataclasses.fields(cls)}
@@ -50,9 +65,13 @@ def dataclass_from_dict(cls: type, values: Mapping[str, Any], where: str, *, acc
         if key in accepted_without_effect:
             continue
         if key not in fields:
-            raise ConfigError(f"{where}.{key}: unknown key{nearest_key_hint(key, list(fields))}")
+            raise ConfigError(
+                f"{where}.{key}: unknown key{nearest_key_hint(key, list(fields))} Valid keys: {', '.join(fields)}"
+            )
         if not _matches(value, hints[key]):
-            raise ConfigError(f"{where}.{key}: expected {hints[key]}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}.{key}: expected {type_name(hints[key])}, got {type(value).__name__} {value!r}")
+        if _wants_float(hints[key]) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if typing.get_origin(hints[key]) is tuple or (
             typing.get_origin(hints[key]) in (typing.Union, types.UnionType)
             and isinstance(value, list)

@@ -17,14 +17,10 @@ done once here. The loss mask of a row's first token is never used, since nothin
 from __future__ import annotations
 
 import csv
-import dataclasses
-import difflib
 import json
 import math
 import os
 import string
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +31,7 @@ from jaxtyping import Bool, Int32
 from tqdm.auto import tqdm
 
 from convert.errors import ConfigError, DataError
+from fastft_jax.config_utils import dataclass_from_dict
 
 IGNORE_INDEX = -100
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
@@ -111,39 +108,7 @@ class DataConfig:
     def from_dict(cls, values: Mapping[str, Any], where: str = "data") -> DataConfig:
         """Build from a YAML mapping; an unknown key names the nearest valid one, a wrong type
         names the key and the expected type."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if key not in fields:
-                nearest = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f"; did you mean `{nearest[0]}`?" if nearest else ""
-                raise ConfigError(f"{where}.{key}: unknown key{hint} Valid keys: {', '.join(fields)}")
-            if not _matches_type(value, hints[key]):
-                raise ConfigError(f"{where}.{key}: expected {_type_name(hints[key])}, "
-                                  f"got {type(value).__name__} {value!r}")
-        if "eval_fraction" in values and isinstance(values["eval_fraction"], int):
-            values = {**values, "eval_fraction": float(values["eval_fraction"])}
-        return cls(**values)
-
-
-def _matches_type(value: Any, expected: Any) -> bool:
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        return any(_matches_type(value, option) for option in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-def _type_name(expected: Any) -> str:
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        return " or ".join(_type_name(option) for option in typing.get_args(expected))
-    return "null" if expected is type(None) else expected.__name__
+        return dataclass_from_dict(cls, values, where)
 
 
 # ----------------------------------------------------------------------------------------------
