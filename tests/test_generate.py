@@ -1,0 +1,246 @@
+"""Tests for fastft_jax/generate.py: KV-cache generation against transformers' generate (and peft's for
+adapters) on the tiny float32 checkpoints, left-padded batches, sampling, streaming, the CLI, errors."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from convert.errors import ConfigError
+from fastft_jax import FastLanguageModel, LoRAConfig
+from fastft_jax import generate as generate_module
+from fastft_jax.generate import Sampling, filtered_logits, generate, stream_generate
+
+VOCAB_IN_USE = 500  # ids below the tiny tokenizers' special tokens and padding rows
+MAX_SEQ_LENGTH = 64
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def load(directory):
+    model, tokenizer = FastLanguageModel.from_pretrained(directory, dtype="float32", max_seq_length=MAX_SEQ_LENGTH)
+    return FastLanguageModel.for_inference(model), tokenizer
+
+
+def attach_random_lora(model, rng: np.random.Generator) -> None:
+    """LoRA on every projection with non-zero A and B, so that the adapter changes every token."""
+    lora_config = LoRAConfig(r=4, alpha=8.0)
+    tree = {"layers": {}}
+    for name in lora_config.target_modules:
+        d_in, d_out = model.config.projection_shape(name)
+        tree["layers"][name] = {
+            "lora_a": jnp.asarray(rng.normal(0.0, 0.1, (model.config.num_layers, d_in, lora_config.r)), jnp.float32),
+            "lora_b": jnp.asarray(rng.normal(0.0, 0.1, (model.config.num_layers, lora_config.r, d_out)), jnp.float32),
+        }
+    model.attach_lora(lora_config, tree)
+
+
+def left_padded(rng: np.random.Generator, lengths: list[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(lengths)
+    input_ids = np.full((len(lengths), width), pad_id, np.int32)
+    attention_mask = np.zeros((len(lengths), width), np.int32)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = rng.integers(0, VOCAB_IN_USE, length)
+        attention_mask[row, width - length:] = 1
+    return input_ids, attention_mask
+
+
+def hf_generate(hf_model, input_ids: np.ndarray, attention_mask: np.ndarray, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model.generate(
+            input_ids=torch.as_tensor(input_ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(attention_mask, dtype=torch.long), do_sample=False, **kwargs,
+        ).numpy()
+
+
+def hf_model(directory, adapter_dir=None):
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="eager").eval()
+    if adapter_dir is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return model
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_greedy_equals_transformers(arch, adapter, tiny_checkpoints, tmp_path):
+    """A left-padded batch, greedy, EOS as the checkpoint's generation_config sets it, on both sides."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = load(tiny_checkpoints[arch])
+    adapter_dir = None
+    if adapter:
+        attach_random_lora(model, rng)
+        adapter_dir = model.save_pretrained(tmp_path / "adapter")
+    input_ids, attention_mask = left_padded(rng, [5, 9], tokenizer.pad_token_id)
+    expected = hf_generate(hf_model(tiny_checkpoints[arch], adapter_dir), input_ids, attention_mask, max_new_tokens=10)
+
+    ours = model.generate(input_ids, attention_mask, max_new_tokens=10)
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}")
+    if adapter and arch == "llama":
+        merged = generate(model, input_ids, attention_mask, max_new_tokens=10, merge_lora=True)
+        np.testing.assert_array_equal(merged, expected, err_msg=f"merge_lora=True, seed {seed}")
+
+
+def test_rows_stop_on_eos_and_are_padded_as_in_transformers(tiny_checkpoints):
+    """EOS ids picked from an unstopped run so that one row stops early, the other later: the early
+    row is padded after its EOS and generation ends on the step the last row stops."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = load(tiny_checkpoints["qwen3"])
+    input_ids, attention_mask = left_padded(rng, [4, 7], tokenizer.pad_token_id)
+    prompt_len = input_ids.shape[1]
+    unstopped = generate(model, input_ids, attention_mask, max_new_tokens=10, eos_token_id=[])
+    assert unstopped.shape == (2, prompt_len + 10)
+    new = unstopped[:, prompt_len:]
+    first_stop = int(new[0, 1])
+    later_stops = [int(token) for token in new[1, 3:] if token not in new[0, :2] and token not in new[1, :3]]
+    eos_ids = [first_stop] + later_stops[:1]
+    pad_id = VOCAB_IN_USE + 7
+
+    ours = generate(model, input_ids, attention_mask, max_new_tokens=10, eos_token_id=eos_ids, pad_token_id=pad_id)
+    expected = hf_generate(hf_model(tiny_checkpoints["qwen3"]), input_ids, attention_mask, max_new_tokens=10,
+                           eos_token_id=eos_ids, pad_token_id=pad_id)
+    np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}, eos {eos_ids}")
+    first_eos = list(ours[0, prompt_len:]).index(first_stop)
+    assert first_eos <= 1 and (ours[0, prompt_len + first_eos + 1:] == pad_id).all()
+    if later_stops:
+        assert ours.shape[1] < prompt_len + 10, "every row met an EOS, so generation must have ended early"
+
+
+def test_left_padded_batch_equals_prompts_one_by_one(tiny_checkpoints):
+    """The 16-token prompt fills generate's PROMPT_MULTIPLE columns: alone it runs the unpadded path."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = load(tiny_checkpoints["llama"])
+    attach_random_lora(model, rng)
+    lengths = [3, 16, 6]
+    input_ids, attention_mask = left_padded(rng, lengths, tokenizer.pad_token_id)
+    batched = generate(model, input_ids, attention_mask, max_new_tokens=10, eos_token_id=[])
+    width = input_ids.shape[1]
+    for row, length in enumerate(lengths):
+        alone = generate(model, input_ids[row:row + 1, width - length:], max_new_tokens=10, eos_token_id=[])
+        np.testing.assert_array_equal(batched[row, width:], alone[0, length:], err_msg=f"row {row}, seed {seed}")
+
+
+def test_stream_yields_the_tokens_generate_returns(tiny_checkpoints):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = load(tiny_checkpoints["qwen2"])
+    input_ids, attention_mask = left_padded(rng, [6, 2], tokenizer.pad_token_id)
+    whole = generate(model, input_ids, attention_mask, max_new_tokens=10)
+    columns = list(stream_generate(model, input_ids, attention_mask, max_new_tokens=10))
+    np.testing.assert_array_equal(np.stack(columns, axis=1), whole[:, input_ids.shape[1]:], err_msg=f"seed {seed}")
+
+
+def test_sampling_is_reproducible_per_seed(tiny_checkpoints):
+    model, _ = load(tiny_checkpoints["qwen3"])
+    rng = np.random.default_rng(fresh_seed())
+    input_ids = rng.integers(0, VOCAB_IN_USE, (2, 5))
+    seed = fresh_seed()
+    settings = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95, top_k=50, eos_token_id=[])
+    first = generate(model, input_ids, seed=seed, **settings)
+    np.testing.assert_array_equal(first, generate(model, input_ids, seed=seed, **settings))
+    other = generate(model, input_ids, seed=seed + 1, **settings)
+    assert (first != other).any(), f"seeds {seed} and {seed + 1} drew the same 20 tokens"
+    greedy = generate(model, input_ids, max_new_tokens=10, eos_token_id=[])
+    only_top_token = generate(model, input_ids, seed=seed, **dict(settings, top_k=1))
+    np.testing.assert_array_equal(only_top_token, greedy)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.0, 20, 1.0), (1.3, 40, 0.5), (1.0, 0, 0.01)])
+def test_filtered_logits_match_transformers_warpers(temperature, top_k, top_p):
+    rng = np.random.default_rng(fresh_seed())
+    logits = rng.normal(0.0, 2.0, (4, 577)).astype(np.float32)
+    ours = np.asarray(filtered_logits(jnp.asarray(logits), Sampling(True, temperature, top_k, top_p)))
+    expected = torch.as_tensor(logits)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    warpers.append(TopPLogitsWarper(top_p))
+    for warper in warpers:
+        expected = warper(None, expected)
+    expected = expected.numpy()
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+    kept = np.isfinite(expected)
+    assert kept.any(axis=1).all()
+    np.testing.assert_allclose(ours[kept], expected[kept], rtol=1e-6)
+
+
+def test_bad_input_is_refused_before_any_work(tiny_checkpoints):
+    model, _ = load(tiny_checkpoints["llama"])
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        generate(model, np.zeros((1, 0), np.int32))
+    with pytest.raises(ConfigError, match="row 1 is empty"):
+        generate(model, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ConfigError, match="left padding"):
+        generate(model, np.ones((1, 3), np.int32), np.array([[1, 1, 0]]))
+    with pytest.raises(ConfigError, match=r"prompt_len 10 \+ max_new_tokens 60 = 70 exceeds the model's "
+                                          r"max_seq_length 64; lower max_new_tokens to at most 54"):
+        generate(model, np.ones((1, 10), np.int32), max_new_tokens=60)
+    with pytest.raises(ConfigError, match="temperature"):
+        generate(model, np.ones((1, 3), np.int32), max_new_tokens=4, do_sample=True, temperature=0.0)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        generate(model, np.full((1, 3), model.config.vocab_size, np.int32), max_new_tokens=4)
+
+
+def test_cli_streams_the_greedy_continuation(tiny_checkpoints, capsys):
+    directory = tiny_checkpoints["llama"]
+    assert generate_module.main(["--model", str(directory), "--prompt", "The patient", "--max-new-tokens", "6",
+                                 "--max-seq-length", "32"]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = FastLanguageModel.from_pretrained(directory, dtype="float32", max_seq_length=32)
+    prompt_ids = tokenizer("The patient")["input_ids"]
+    tokens = generate(model, np.asarray([prompt_ids]), max_new_tokens=6)[0, len(prompt_ids):]
+    eos_ids, _ = generate_module.resolve_special_ids(model)
+    reply = []
+    for token in tokens:
+        if token in eos_ids:
+            break
+        reply.append(int(token))
+    assert printed == "The patient" + tokenizer.decode(reply, skip_special_tokens=True) + "\n"
+
+
+def test_cli_chat_keeps_the_conversation(tiny_checkpoints, monkeypatch, capsys):
+    """Each turn's prompt is the chat template over the whole history, the model's replies included."""
+    directory = tiny_checkpoints["qwen2"]
+    turns = []
+    real_stream_reply = generate_module._stream_reply
+
+    def recording_stream_reply(model, tokenizer, prompt_ids, *args):
+        reply = real_stream_reply(model, tokenizer, prompt_ids, *args)
+        turns.append((list(prompt_ids), reply))
+        return reply
+
+    monkeypatch.setattr(generate_module, "_stream_reply", recording_stream_reply)
+    typed = iter(["and the dose?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
+    assert generate_module.main(["--model", str(directory), "--chat", "--prompt", "Hello doctor",
+                                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "".join(reply + "\n" for _, reply in turns)
+    assert len(turns) == 2
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    conversation = [{"role": "user", "content": "Hello doctor"}, {"role": "assistant", "content": turns[0][1]},
+                    {"role": "user", "content": "and the dose?"}]
+    for (prompt_ids, _), messages in zip(turns, (conversation[:1], conversation)):
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tokenizer.decode(prompt_ids) == expected
+
+
+def test_cli_refuses_an_empty_prompt(tiny_checkpoints, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_module.main(["--model", str(tiny_checkpoints["qwen3"]), "--prompt", "  "])
+    assert exit_info.value.code == 2
+    assert "--prompt is empty" in capsys.readouterr().err
