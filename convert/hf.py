@@ -144,9 +144,9 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedModelError(f"{where}: partial_rotary_factor != 1 is not supported")
     if hf.get("quantization_config"):
-        raise UnsupportedModelError(
-            f"{where}: the checkpoint is pre-quantized (quantization_config); load a 16-bit checkpoint instead"
-        )
+        from convert.quant import bnb_quantization
+
+        bnb_quantization(hf, where)  # refuses every quantization but bitsandbytes NF4
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(hf.get(key), int) or hf[key] <= 0:
             raise CheckpointError(f"{where}: {key} must be a positive integer, got {hf.get(key)!r}")
@@ -230,28 +230,63 @@ def load_hf_params(
     dtype: np.dtype,
     place: Callable[[np.ndarray], Any] = lambda array: array,
     progress: Callable[[Iterator], Iterator] = lambda it: it,
+    quantize: str | None = None,
 ) -> dict:
     """Read the checkpoint tensor by tensor into the stacked tree, cast to dtype. Each finished leaf
-    goes through place (e.g. a device put) at once, so the host holds at most one stacked leaf."""
+    goes through place (e.g. a device put) at once, so the host holds at most one stacked leaf.
+
+    quantize ("nf4" or "int8", convert/quant.py) turns the projection kernels into QuantizedKernels,
+    one layer at a time after place, so the device never holds a 16-bit stack. Kernels that the
+    checkpoint holds pre-quantized by bitsandbytes (NF4) are kept as written when quantize is
+    "nf4", and dequantized to dtype when quantize is None."""
+    from convert import quant
+
+    if quantize is not None and quantize not in quant.KINDS:
+        raise ValueError(f"quantize={quantize!r} is not one of {', '.join(quant.KINDS)}")
     tree: dict = {}
     with CheckpointReader(directory) as reader:
         specs = tensor_specs(config)
         check_checkpoint_tensors(reader, specs, config, directory)
         for spec in progress(specs):
             layer_count = config.num_layers if spec.stacked else 1
+            first_name = spec.hf_name.format(layer=0)
+            if spec.path[-1] == "kernel" and quant.bnb_quant_state_name(reader, first_name) is not None:
+                kernel = quant.stack_layers([
+                    quant.read_bnb_nf4(reader, spec.hf_name.format(layer=layer), str(directory))
+                    for layer in range(layer_count)
+                ])
+                if quantize == "int8":
+                    raise CheckpointError(
+                        f"{directory}: the checkpoint is pre-quantized to 4-bit NF4; load it with load_in_4bit=True "
+                        "(or without quantization), not load_in_8bit"
+                    )
+                if quantize is None:
+                    kernel = np.asarray(quant.dequantized_tree(kernel, dtype))
+                if quantize is None:
+                    _set_path(tree, spec.path, place(kernel))
+                else:
+                    import jax
+
+                    _set_path(tree, spec.path, jax.tree.map(place, kernel))
+                continue
             stacked = np.empty(((layer_count,) if spec.stacked else ()) + spec.shape, dtype=dtype)
             for layer in range(layer_count):
                 tensor = reader.get(spec.hf_name.format(layer=layer))
                 target = stacked[layer] if spec.stacked else stacked
                 target[...] = (tensor.T if spec.transpose else tensor).astype(dtype)
                 del tensor
-            _set_path(tree, spec.path, place(stacked))
+            if quantize is not None and spec.path[-1] == "kernel":
+                _set_path(tree, spec.path, quant.quantize_stacked(stacked, quantize, place))
+            else:
+                _set_path(tree, spec.path, place(stacked))
     return tree
 
 
 def check_checkpoint_tensors(reader: CheckpointReader, specs: list[TensorSpec], config: ModelConfig, directory) -> None:
     """Every expected tensor present with the shape config.json implies, and nothing unexpected,
     checked from the file headers alone before any weight is read."""
+    from convert import quant
+
     expected = set()
     for spec in specs:
         for layer in range(config.num_layers if spec.stacked else 1):
@@ -259,8 +294,17 @@ def check_checkpoint_tensors(reader: CheckpointReader, specs: list[TensorSpec], 
             expected.add(name)
             if name not in reader:
                 raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint")
-            hf_shape = reader.shape(name)
             want = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
+            if spec.path[-1] == "kernel" and quant.bnb_quant_state_name(reader, name) is not None:
+                expected.update(quant.bnb_tensor_names(reader, name))
+                state = quant.read_bnb_quant_state(reader, name, str(directory))
+                if tuple(state.get("shape") or ()) != want:
+                    raise CheckpointError(
+                        f"{directory}: the quant_state of {name!r} has shape {state.get('shape')}, but config.json "
+                        f"implies {list(want)}"
+                    )
+                continue
+            hf_shape = reader.shape(name)
             if hf_shape != want:
                 raise CheckpointError(
                     f"{directory}: tensor {name!r} has shape {list(hf_shape)}, but config.json implies {list(want)}"

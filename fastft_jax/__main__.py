@@ -27,7 +27,8 @@ def _relative_error(out, ref) -> float:
 
 def main() -> int:
     import fastft_jax
-    from convert.hf import ModelConfig
+    from convert import quant
+    from convert.hf import PROJECTIONS, ModelConfig
     from fastft_jax import ops
     from fastft_jax.lora import LoRAConfig, init_lora_params
     from fastft_jax.model import CausalLM, random_params
@@ -40,7 +41,8 @@ def main() -> int:
     for device in jax.devices():
         print(f"  device            {device.device_kind} ({device.platform}:{device.id})")
     print(f"  pallas kernels    {'interpret mode (no GPU)' if use_interpret() else 'native (Triton on GPU)'}")
-    print("  4-bit (QLoRA)     not available yet")
+    print("  4-bit (QLoRA)     available: NF4 in bitsandbytes' layout (load_in_4bit=True), int8 (load_in_8bit=True); "
+          "dequant kernel checked below")
 
     config = ModelConfig(
         model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -55,8 +57,14 @@ def main() -> int:
 
     failures = []
 
-    def build_model(ops_config):
-        model = CausalLM(config, params, dtype=jnp.float32, max_seq_length=64, ops_config=ops_config)
+    # The same weights with the seven projections in NF4, for the dequant op.
+    quantized_params = jax.tree.map(lambda leaf: leaf, params)
+    for name in PROJECTIONS:
+        kernel = quantized_params["layers"][name]["kernel"]
+        quantized_params["layers"][name]["kernel"] = quant.quantize_stacked(np.asarray(kernel), "nf4")
+
+    def build_model(ops_config, weights=params):
+        model = CausalLM(config, weights, dtype=jnp.float32, max_seq_length=64, ops_config=ops_config)
         lora_config = LoRAConfig(r=4, alpha=8.0)
         lora = init_lora_params(config, lora_config, seed=1)
         # B starts at zero; make it non-zero so the LoRA path shows in the logits.
@@ -82,6 +90,13 @@ def main() -> int:
                 labels = jnp.roll(input_ids, -1, axis=1).reshape(-1)
                 out = ops.cross_entropy(hidden, lm_head_weight(params, config), labels, 1.0 * labels.size, single)
                 ref = fused_linear_cross_entropy_reference(hidden, lm_head_weight(params, config), labels)
+            elif op == "dequant":
+                kernel = quantized_params["layers"]["gate_proj"]["kernel"].layer(0)
+                if not np.array_equal(np.asarray(ops.dequantize(kernel, jnp.float32, single)),
+                                      np.asarray(quant.dequantize_reference(kernel, jnp.float32))):
+                    raise AssertionError("the NF4 dequant kernel differs from its reference")
+                out = build_model(single, quantized_params)(input_ids, positions=positions, segment_ids=segment_ids)
+                ref = build_model(all_reference, quantized_params)(input_ids, positions=positions, segment_ids=segment_ids)
             else:
                 out = model(input_ids, positions=positions, segment_ids=segment_ids)
                 ref = reference

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from convert.errors import CheckpointError, ConfigError
 from convert.hf import load_hf_params, model_config_from_hf, read_config_json
+from convert.quant import bnb_quantization
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig, init_lora_params, normalise_target_modules
 from fastft_jax.model import CHECKPOINT_MODES, CausalLM
@@ -78,7 +79,12 @@ class FastLanguageModel:
         kernels: ops.OpsConfig | dict[str, str] | None = None,
         **kwargs: Any,
     ) -> tuple[CausalLM, Any]:
-        """Load a local HF checkpoint directory. Returns (model, tokenizer)."""
+        """Load a local HF checkpoint directory. Returns (model, tokenizer).
+
+        load_in_4bit quantizes the decoder's seven projections to NF4 on load, exactly as
+        bitsandbytes does (blocksize 64, double-quantized absmax); a bitsandbytes pre-quantized
+        checkpoint loads as written. load_in_8bit quantizes them to blockwise int8 (absmax per 64).
+        Embeddings, lm_head and norms stay 16-bit. LoRA then trains on top (QLoRA)."""
         ignored = {"token", "device_map", "trust_remote_code", "fix_tokenizer", "full_finetuning", "use_gradient_checkpointing"}
         unknown = sorted(set(kwargs) - ignored - {"base_model_path"})
         if unknown:
@@ -96,10 +102,8 @@ class FastLanguageModel:
                 directory, base_model_path=kwargs.pop("base_model_path", None), max_seq_length=max_seq_length,
                 dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, kernels=kernels, **kwargs,
             )
-        if load_in_4bit or load_in_8bit:
-            raise NotImplementedError(
-                "load_in_4bit/load_in_8bit (QLoRA) is not implemented yet; load the 16-bit model with load_in_4bit=False"
-            )
+        if load_in_4bit and load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
         compute_dtype = resolve_dtype(dtype)
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ConfigError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
@@ -107,7 +111,12 @@ class FastLanguageModel:
             kernels = ops.OpsConfig.from_env(**kernels)
         ops_config = (kernels or ops.OpsConfig.from_env()).validated()
 
-        config = model_config_from_hf(read_config_json(directory), where=str(directory / "config.json"))
+        hf_config = read_config_json(directory)
+        config = model_config_from_hf(hf_config, where=str(directory / "config.json"))
+        quantization = "nf4" if load_in_4bit else "int8" if load_in_8bit else None
+        if bnb_quantization(hf_config, str(directory / "config.json")) and quantization is None:
+            print(f"fastft_jax: {directory} is pre-quantized to 4-bit NF4; dequantizing it to {compute_dtype.name} "
+                  "(pass load_in_4bit=True to keep it 4-bit)")
         if max_seq_length > config.max_position_embeddings:
             if config.rope_scaling is None:
                 factor = max_seq_length / config.max_position_embeddings
@@ -126,6 +135,7 @@ class FastLanguageModel:
             directory, config, compute_dtype, place=jnp.asarray,
             progress=lambda specs: tqdm(specs, desc="Loading weights", unit="tensor", leave=False,
                                         disable=len(specs) < 32),
+            quantize=quantization,
         )
         model = CausalLM(config, params, dtype=compute_dtype, max_seq_length=max_seq_length,
                          source_dir=str(directory), ops_config=ops_config)

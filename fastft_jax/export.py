@@ -6,6 +6,7 @@ directory)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from convert.gguf import convert_to_gguf, tensor_types
 from convert.hf import read_config_json
 from convert.merge import copy_tokenizer_files, merge_lora, save_merged_checkpoint
 from convert.peft import CONFIG_NAME, load_peft_adapter, read_adapter_config, save_peft_adapter
+from convert.quant import dequantized_view
 from convert.safetensors_io import AtomicDirectory
 from fastft_jax.lora import LoRAConfig, lora_from_numpy
 
@@ -73,11 +75,19 @@ def save_pretrained(model: CausalLM, directory: str | os.PathLike, overwrite: bo
     return _write_adapter(model, Path(directory), overwrite)
 
 
+def base_params_16bit(model: CausalLM) -> dict:
+    """The base tree with quantized (4-bit / int8) kernels seen as [layers, in, out] stacks in the
+    model's dtype, dequantized one layer at a time as the merge or the writer reads them. A merged
+    checkpoint is never re-quantized."""
+    return dequantized_view(model.base_params(), np.dtype(model.dtype))
+
+
 def merged_params(model: CausalLM) -> dict:
-    """The base tree with every adapter merged in (W + scale * A @ B in float32, cast to the base dtype)."""
+    """The base tree with every adapter merged in (W + scale * A @ B in float32, cast to the base
+    dtype); a quantized W is dequantized to float32 first."""
     lora_config, lora_params = _require_lora(model, "merging")
     scales = {name: lora_config.scale(name) for name in lora_params["layers"]}
-    return merge_lora(model.base_params(), lora_params, scales)
+    return merge_lora(base_params_16bit(model), lora_params, scales)
 
 
 def save_pretrained_merged(
@@ -104,11 +114,21 @@ def save_pretrained_merged(
             else:
                 copy_tokenizer_files(source, staging)
         return Path(directory)
-    tree = merged_params(model) if model.lora is not None else model.base_params()
-    return save_merged_checkpoint(
+    tree = merged_params(model) if model.lora is not None else base_params_16bit(model)
+    out = save_merged_checkpoint(
         directory, base_dir=source, tree=tree, model_config=model.config, dtype=np.dtype(model.dtype),
         max_shard_size=max_shard_size, overwrite=overwrite, write_tokenizer=write_tokenizer,
     )
+    _drop_quantization_config(out / "config.json")
+    return out
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """A merged checkpoint is 16-bit even when its base was a pre-quantized bitsandbytes one, so
+    the quantization_config copied from the base's config.json must not stay."""
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_pretrained_gguf(
@@ -197,6 +217,7 @@ __all__ = [
     "load_adapter",
     "load_from_adapter_dir",
     "lora_config_from_settings",
+    "base_params_16bit",
     "merged_params",
     "resolve_base_path",
     "save_pretrained",

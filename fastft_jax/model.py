@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -20,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from convert.hf import PROJECTIONS, ModelConfig
+from convert.quant import is_quantized
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
 
@@ -49,7 +51,7 @@ def _project(
     weights = layer[name]
     adapter = (layer_lora or {}).get(name)
     if adapter is None:
-        out = ops.linear(x, weights["kernel"])
+        out = ops.linear(x, weights["kernel"], ops_config)
     else:
         x_for_lora = None
         if dropout_rng is not None and lora_config.dropout > 0:
@@ -268,8 +270,12 @@ class CausalLM(nnx.Module):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters, counting a quantized kernel by its weights, not its bytes."""
         tree = self.lora_params() if trainable_only else (self.base_params(), self.lora_params())
-        return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
+        return sum(
+            math.prod(leaf.leading_shape) * leaf.num_elements if is_quantized(leaf) else int(leaf.size)
+            for leaf in jax.tree.leaves(tree, is_leaf=is_quantized)
+        )
 
     def print_trainable_parameters(self) -> None:
         trainable = self.num_parameters(trainable_only=True)

@@ -18,15 +18,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from convert import quant
 from convert.errors import ConfigError
 from pallas_kernels import attention as attention_kernels
 from pallas_kernels import cross_entropy as cross_entropy_kernels
 from pallas_kernels import lora_linear as lora_linear_kernels
+from pallas_kernels import nf4 as nf4_kernels
 from pallas_kernels import rms_norm as rms_norm_kernels
 from pallas_kernels import rope as rope_kernels
 from pallas_kernels import swiglu as swiglu_kernels
 
-OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention")
+OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention", "dequant")
 MODES = ("auto", "reference", "pallas")
 ATTENTION_MODES = MODES + ("cudnn", "xla")
 # lora_linear's "xla": the kernel file's custom_vjp (cheapest matmul order, nothing but x and x·A
@@ -42,6 +44,7 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     "lora_linear": "xla",  # the kernel file's custom_vjp on cuBLAS: 0.69x the autodiffed reference, Pallas 0.79x
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
+    "dequant": "pallas",  # NF4 -> 16-bit; not yet measured against XLA's fusion (bench/qlora.py)
 }
 
 _KERNELS = {
@@ -51,6 +54,7 @@ _KERNELS = {
     "lora_linear": (lora_linear_kernels, "lora_linear"),
     "cross_entropy": (cross_entropy_kernels, "fused_linear_cross_entropy"),
     "attention": (attention_kernels, "flash_attention"),
+    "dequant": (nf4_kernels, "dequantize_4bit"),
 }
 
 
@@ -71,6 +75,8 @@ class OpsConfig:
     lora_linear: str = "auto"
     cross_entropy: str = "auto"
     attention: str = "auto"
+    # Dequantization of 4-bit (NF4) base weights, and the fused dequant-matmul for a few rows.
+    dequant: str = "auto"
     # Tokens per chunk of the reference loss head, which bounds its [chunk, vocab] logits.
     loss_chunk_tokens: int = 4096
 
@@ -148,7 +154,11 @@ def rope_qk(
     return rope(q), rope(k)
 
 
-def linear(x: Float[Array, "... d_in"], kernel: Float[Array, "d_in d_out"]) -> Float[Array, "... d_out"]:
+def linear(
+    x: Float[Array, "... d_in"], kernel: Float[Array, "d_in d_out"] | quant.QuantizedKernel, cfg: OpsConfig | None = None
+) -> Float[Array, "... d_out"]:
+    if quant.is_quantized(kernel):
+        return quantized_linear(x, kernel, cfg or OpsConfig.from_env())
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -162,7 +172,10 @@ def lora_linear(
     x_for_lora: Float[Array, "... d_in"] | None = None,
 ) -> Float[Array, "... d_out"]:
     """x @ kernel + scale * (x' @ a) @ b, where x' is x after LoRA dropout (PEFT applies dropout to the
-    adapter's input only). The LoRA factors are float32 masters, cast to the compute dtype here."""
+    adapter's input only). The LoRA factors are float32 masters, cast to the compute dtype here.
+    A quantized kernel (QLoRA) goes through quantized_lora_linear."""
+    if quant.is_quantized(kernel):
+        return quantized_lora_linear(x, kernel, lora_a, lora_b, scale, cfg, x_for_lora)
     if x_for_lora is not None:
         base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         x_a = jnp.dot(x_for_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -172,6 +185,154 @@ def lora_linear(
     if mode in ("pallas", "xla"):
         return _kernel("lora_linear")(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), float(scale), impl=mode)
     return lora_linear_kernels.lora_linear_reference(x, kernel, lora_a, lora_b, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized (QLoRA) base weights. The frozen kernel stays 4-bit (or int8) in memory; each use
+# dequantizes it where it is needed, in the forward and again in the backward, so no 16-bit copy
+# is ever saved for the backward (the custom_vjps below keep only the quantized arrays). Under
+# jax.checkpoint the forward's dequantization is recomputed with the rest of the layer.
+# ---------------------------------------------------------------------------------------------
+
+NF4_CODE_BOOK = tuple(quant.NF4_CODE.tolist())
+# Up to this many rows the forward runs the fused dequant-matmul kernel (decode) instead of
+# dequantizing the whole kernel first.
+FUSED_DEQUANT_MAX_ROWS = 16
+
+
+def dequantize(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Float[Array, "... d_in d_out"]:
+    """The [in, out] kernel in dtype. NF4 of one layer goes through the Pallas kernel when chosen;
+    it is bit-identical to the jnp reference. No gradient flows into a frozen weight."""
+    if kernel.kind == "nf4" and kernel.codes.ndim == 1 and cfg.resolve("dequant") == "pallas":
+        flat = _kernel("dequant")(
+            kernel.codes, quant.block_absmax(kernel), code_book=NF4_CODE_BOOK, n=kernel.num_elements,
+            blocksize=kernel.blocksize, dtype=dtype,
+        )
+        return jax.lax.stop_gradient(quant.hf_to_kernel(flat, kernel))
+    return jax.lax.stop_gradient(quant.dequantize_reference(kernel, dtype))
+
+
+def _quantized_base(x2d: Array, kernel: quant.QuantizedKernel, cfg: OpsConfig) -> Array:
+    """x @ dequantize(kernel), float32 accumulator."""
+    d_in, d_out = kernel.shape
+    if (
+        kernel.kind == "nf4" and kernel.codes.ndim == 1 and x2d.shape[0] <= FUSED_DEQUANT_MAX_ROWS
+        and d_in % kernel.blocksize == 0 and cfg.resolve("dequant") == "pallas"
+    ):
+        out = nf4_kernels.dequantize_4bit_matmul(
+            x2d, kernel.codes, quant.block_absmax(kernel), code_book=NF4_CODE_BOOK, n_out=d_out,
+            blocksize=kernel.blocksize,
+        )
+        return out.astype(jnp.float32)
+    return jnp.dot(x2d, dequantize(kernel, x2d.dtype, cfg), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _quantized_linear_2d(x2d, kernel, cfg):
+    return _quantized_base(x2d, kernel, cfg).astype(x2d.dtype)
+
+
+def _quantized_linear_2d_fwd(x2d, kernel, cfg):
+    return _quantized_linear_2d(x2d, kernel, cfg), kernel
+
+
+# y = x W: dx = g W^T, with W dequantized again here; W is frozen (no cotangent).
+def _quantized_linear_2d_bwd(cfg, kernel, g):
+    weight = dequantize(kernel, g.dtype, cfg)
+    return jnp.dot(g, weight.T, preferred_element_type=jnp.float32).astype(g.dtype), None
+
+
+_quantized_linear_2d.defvjp(_quantized_linear_2d_fwd, _quantized_linear_2d_bwd)
+
+
+def quantized_linear(
+    x: Float[Array, "... d_in"], kernel: quant.QuantizedKernel, cfg: OpsConfig
+) -> Float[Array, "... d_out"]:
+    d_in, d_out = kernel.shape
+    return _quantized_linear_2d(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
+
+
+def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
+    # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
+    dtype = x2d.dtype
+    base = _quantized_base(x2d, kernel, cfg)
+    x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    lora = jnp.dot(x_a, b.astype(dtype), preferred_element_type=jnp.float32)
+    return (base + scale * lora).astype(dtype), x_a
+
+
+# Gradient, as pallas_kernels/lora_linear.py derives it, with x' the adapter's input (x itself, or
+# x after LoRA dropout) and xa = x' a:
+#   db = s xa^T g,   d(xa) = s g b^T,   da = x'^T d(xa),   dx = g W^T,   dx' = d(xa) a^T
+# (dx + dx' when x' is x). W is dequantized again for g W^T instead of being saved by the forward.
+def _quantized_lora_grads(scale, cfg, saved, g):
+    x_lora2d, x_a, kernel, a, b = saved
+    dtype = x_a.dtype
+    g = g.astype(dtype)
+    contract_rows = (((0,), (0,)), ((), ()))
+    db = scale * jax.lax.dot_general(x_a, g, contract_rows, preferred_element_type=jnp.float32)
+    d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
+    da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
+    dx = jnp.dot(g, dequantize(kernel, dtype, cfg).T, preferred_element_type=jnp.float32)
+    dx_lora = jnp.dot(d_x_a, a.astype(dtype).T, preferred_element_type=jnp.float32)
+    return dx, dx_lora, da.astype(a.dtype), db.astype(b.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _quantized_lora_2d(x2d, kernel, a, b, scale, cfg):
+    return _quantized_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)[0]
+
+
+def _quantized_lora_2d_fwd(x2d, kernel, a, b, scale, cfg):
+    out, x_a = _quantized_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)
+    return out, (x2d, x_a, kernel, a, b)
+
+
+def _quantized_lora_2d_bwd(scale, cfg, saved, g):
+    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g)
+    return (dx + dx_lora).astype(saved[0].dtype), None, da, db
+
+
+_quantized_lora_2d.defvjp(_quantized_lora_2d_fwd, _quantized_lora_2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _quantized_lora_dropout_2d(x2d, x_lora2d, kernel, a, b, scale, cfg):
+    return _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)[0]
+
+
+def _quantized_lora_dropout_2d_fwd(x2d, x_lora2d, kernel, a, b, scale, cfg):
+    out, x_a = _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)
+    return out, (x_lora2d, x_a, kernel, a, b)
+
+
+def _quantized_lora_dropout_2d_bwd(scale, cfg, saved, g):
+    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g)
+    dtype = saved[0].dtype
+    return dx.astype(dtype), dx_lora.astype(dtype), None, da, db
+
+
+_quantized_lora_dropout_2d.defvjp(_quantized_lora_dropout_2d_fwd, _quantized_lora_dropout_2d_bwd)
+
+
+def quantized_lora_linear(
+    x: Float[Array, "... d_in"],
+    kernel: quant.QuantizedKernel,
+    lora_a: Float[Array, "d_in rank"],
+    lora_b: Float[Array, "rank d_out"],
+    scale: float,
+    cfg: OpsConfig,
+    x_for_lora: Float[Array, "... d_in"] | None = None,
+) -> Float[Array, "... d_out"]:
+    """lora_linear on a quantized frozen kernel: the forward equals lora_linear_reference on the
+    dequantized kernel; the backward dequantizes the kernel again (custom_vjp)."""
+    d_in, d_out = kernel.shape
+    x2d = x.reshape(-1, d_in)
+    if x_for_lora is None:
+        out = _quantized_lora_2d(x2d, kernel, lora_a, lora_b, float(scale), cfg)
+    else:
+        out = _quantized_lora_dropout_2d(x2d, x_for_lora.reshape(-1, d_in), kernel, lora_a, lora_b, float(scale), cfg)
+    return out.reshape(*x.shape[:-1], d_out)
 
 
 def attention(
