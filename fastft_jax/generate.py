@@ -39,11 +39,11 @@ from convert.hf import ModelConfig
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM, _project, logits_from_hidden
-from pallas_kernels.attention import attention_reference
 
 # A decode step works on [batch, 1] rows: XLA's fusion of the references is what a matrix-vector
-# step wants, where the Pallas kernels are tiled for training-length sequences.
-_DECODE_REFERENCE_OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "attention")
+# step wants, where the Pallas kernels are tiled for training-length sequences. (Its attention is
+# decode_attention below.)
+_DECODE_REFERENCE_OPS = ("rms_norm", "rope", "swiglu", "lora_linear")
 PROMPT_MULTIPLE = 16
 
 
@@ -155,6 +155,27 @@ def _last_logits(params: dict, hidden: Array, static: _Static, ops_config: ops.O
     return logits_from_hidden(params, last, static.config)[:, 0]
 
 
+def decode_attention(
+    q: Float[Array, "batch 1 heads_q head_dim"],
+    k_cache: Float[Array, "batch cache heads_kv head_dim"],
+    v_cache: Float[Array, "batch cache heads_kv head_dim"],
+    key_segment_ids: Int[Array, "batch cache"],
+) -> Float[Array, "batch 1 heads_q head_dim"]:
+    """One query per row against the cache; slots with segment id 0 (padding, not yet written) are
+    masked. Every row sees at least its own new key, so no row is empty. The matmuls read the cache
+    in its own dtype with float32 accumulation (pallas_kernels' attention_reference would first copy
+    the cache to float32, several times the bytes of the step's cache read); the probabilities go
+    into the second matmul in the cache's dtype, as transformers' eager attention does."""
+    batch, _, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    q_grouped = q.reshape(batch, heads_kv, heads_q // heads_kv, head_dim)
+    logits = jnp.einsum("bhgd,bkhd->bhgk", q_grouped, k_cache, preferred_element_type=jnp.float32)
+    logits = jnp.where(key_segment_ids[:, None, None, :] != 0, logits * head_dim**-0.5, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bhgk,bkhd->bhgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(batch, 1, heads_q, head_dim).astype(q.dtype)
+
+
 # -- choosing the next token ------------------------------------------------------------------------
 def filtered_logits(logits: Float[Array, "batch vocab"], sampling: Sampling) -> Float[Array, "batch vocab"]:
     """HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, in that order: removed
@@ -251,7 +272,6 @@ def _prefill(
 def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, static: _Static) -> DecodeState:
     """Feed the last chosen token of every row, write its K/V into the cache, choose the next one."""
     config = static.config
-    batch = state.tokens.shape[0]
     prompt_len = state.tokens.shape[1] - static.max_new_tokens
     slot = prompt_len + state.generated - 1  # the fed token's column in tokens and its cache slot
     fed = jax.lax.dynamic_slice_in_dim(state.tokens, slot, 1, axis=1)
@@ -259,7 +279,6 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
     cache_len = state.k_cache.shape[2]
     visible = (jnp.arange(cache_len) <= slot)[None, :]
     key_segment_ids = jnp.where(visible, state.prompt_mask, 0)
-    query_segment_ids = jnp.ones((batch, 1), jnp.int32)
     layers_lora = (lora_params or {}).get("layers")
 
     def body(carry, per_layer):
@@ -268,10 +287,7 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
         q, k, v = _rotated_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, slot, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, slot, 0, 0))
-        attn = attention_reference(
-            q, k_cache[index], v_cache[index], causal=False,
-            segment_ids=query_segment_ids, kv_segment_ids=key_segment_ids,
-        )
+        attn = decode_attention(q, k_cache[index], v_cache[index], key_segment_ids)
         hidden = _attention_out_and_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
         return (hidden, k_cache, v_cache), None
 

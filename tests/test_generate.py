@@ -17,7 +17,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from convert.errors import ConfigError
 from fastft_jax import FastLanguageModel, LoRAConfig
 from fastft_jax import generate as generate_module
-from fastft_jax.generate import Sampling, filtered_logits, generate, stream_generate
+from fastft_jax.generate import Sampling, decode_attention, filtered_logits, generate, stream_generate
+from pallas_kernels.attention import attention_reference
 
 VOCAB_IN_USE = 500  # ids below the tiny tokenizers' special tokens and padding rows
 MAX_SEQ_LENGTH = 64
@@ -177,6 +178,24 @@ def test_filtered_logits_match_transformers_warpers(temperature, top_k, top_p):
     kept = np.isfinite(expected)
     assert kept.any(axis=1).all()
     np.testing.assert_allclose(ours[kept], expected[kept], rtol=1e-6)
+
+
+def test_decode_attention_equals_the_reference_with_one_query():
+    """GQA (6 query heads on 2 KV heads), head_dim 24, masked padding and unwritten cache slots."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    batch, cache_len, heads_q, heads_kv, head_dim = 3, 13, 6, 2, 24
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads_q, head_dim)), jnp.float32)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((batch, cache_len, heads_kv, head_dim)), jnp.float32)
+                        for _ in range(2))
+    key_segment_ids = (rng.random((batch, cache_len)) < 0.7).astype(np.int32)
+    key_segment_ids[:, 9] = 1  # the new token's own slot
+    key_segment_ids[:, 10:] = 0  # not written yet
+    ours = decode_attention(q, k_cache, v_cache, jnp.asarray(key_segment_ids))
+    expected = attention_reference(q, k_cache, v_cache, causal=False, segment_ids=jnp.ones((batch, 1), jnp.int32),
+                                   kv_segment_ids=jnp.asarray(key_segment_ids))
+    error = float(jnp.max(jnp.abs(ours - expected)) / jnp.max(jnp.abs(expected)))
+    assert error <= 1e-5, f"relative error {error:.3g} (seed {seed})"
 
 
 def test_bad_input_is_refused_before_any_work(tiny_checkpoints):
