@@ -36,6 +36,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from convert.errors import ConfigError, FastFTError
 from convert.hf import ModelConfig
+from convert.quant import is_quantized
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM, _project, logits_from_hidden
@@ -330,10 +331,11 @@ def merged_model(model: CausalLM) -> CausalLM:
     layers = dict(params["layers"])
     for name, adapter in lora_params["layers"].items():
         weights = dict(layers[name])
-        if "kernel" not in weights:
+        if is_quantized(weights["kernel"]):
             raise ConfigError(
-                f"merge_lora=True needs 16-bit base weights, but {name} is stored as {sorted(weights)}; "
-                "generate with merge_lora=False (the adapter then applies on the fly)"
+                f"merge_lora=True needs 16-bit base weights, but {name} is {weights['kernel'].kind}-quantized "
+                "(merging would mean re-quantizing, which changes the fine-tune); generate with merge_lora=False, "
+                "the adapter then applies on the fly"
             )
         weights["kernel"] = _merge_kernel(weights["kernel"], adapter["lora_a"], adapter["lora_b"],
                                           model.lora_config.scale(name))

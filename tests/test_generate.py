@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from convert.errors import ConfigError
-from fastft_jax import FastLanguageModel, LoRAConfig
+from convert.quant import dequantized_tree
+from fastft_jax import CausalLM, FastLanguageModel, LoRAConfig
 from fastft_jax import generate as generate_module
 from fastft_jax.generate import Sampling, decode_attention, filtered_logits, generate, stream_generate
 from pallas_kernels.attention import attention_reference
@@ -119,6 +120,25 @@ def test_rows_stop_on_eos_and_are_padded_as_in_transformers(tiny_checkpoints):
     assert first_eos <= 1 and (ours[0, prompt_len + first_eos + 1:] == pad_id).all()
     if later_stops:
         assert ours.shape[1] < prompt_len + 10, "every row met an EOS, so generation must have ended early"
+
+
+def test_4bit_base_with_adapter_generates_as_its_dequantized_weights(tiny_checkpoints):
+    """QLoRA inference: the NF4 base (dequantized inside the projections) and the un-merged adapter give
+    the tokens of a 16-bit model holding the dequantized weights; merging into NF4 is refused."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen3"], dtype="float32",
+                                                         max_seq_length=MAX_SEQ_LENGTH, load_in_4bit=True)
+    attach_random_lora(model, rng)
+    dequantized = CausalLM(model.config, dequantized_tree(model.base_params(), jnp.float32), dtype=jnp.float32,
+                           max_seq_length=MAX_SEQ_LENGTH, ops_config=model.ops_config)
+    dequantized.attach_lora(model.lora_config, model.lora_params())
+    input_ids, attention_mask = left_padded(rng, [5, 9], tokenizer.pad_token_id)
+    ours = generate(model, input_ids, attention_mask, max_new_tokens=10, eos_token_id=[])
+    expected = generate(dequantized, input_ids, attention_mask, max_new_tokens=10, eos_token_id=[])
+    np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}")
+    with pytest.raises(ConfigError, match="nf4-quantized"):
+        generate(model, input_ids, attention_mask, max_new_tokens=10, merge_lora=True)
 
 
 def test_left_padded_batch_equals_prompts_one_by_one(tiny_checkpoints):
