@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,8 +131,9 @@ def test_4bit_base_with_adapter_generates_as_its_dequantized_weights(tiny_checkp
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen3"], dtype="float32",
                                                          max_seq_length=MAX_SEQ_LENGTH, load_in_4bit=True)
     attach_random_lora(model, rng)
-    dequantized = CausalLM(model.config, dequantized_tree(model.base_params(), jnp.float32), dtype=jnp.float32,
-                           max_seq_length=MAX_SEQ_LENGTH, ops_config=model.ops_config)
+    weights = jax.jit(dequantized_tree, static_argnums=1)(model.base_params(), jnp.float32)
+    dequantized = CausalLM(model.config, weights, dtype=jnp.float32, max_seq_length=MAX_SEQ_LENGTH,
+                           ops_config=model.ops_config)
     dequantized.attach_lora(model.lora_config, model.lora_params())
     input_ids, attention_mask = left_padded(rng, [5, 9], tokenizer.pad_token_id)
     ours = generate(model, input_ids, attention_mask, max_new_tokens=10, eos_token_id=[])
