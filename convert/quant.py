@@ -277,15 +277,25 @@ def quantize_stacked(kernels: np.ndarray, kind: str, place=jnp.asarray) -> Quant
 # ---------------------------------------------------------------------------------------------
 
 
+def _unfused(product: Array, nonnegative: Array) -> Array:
+    """product, passed through an integer identity that no compiler can see through (the sign bit
+    of nonnegative, stored data, is 0), so that an add after it cannot be contracted into a fused
+    multiply-add: XLA's CPU and GPU backends contract a*b+c, and neither optimization_barrier nor
+    reduce_precision prevents it."""
+    zero = jax.lax.bitcast_convert_type(nonnegative, jnp.uint32) >> 31
+    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def block_absmax(kernel: QuantizedKernel) -> Float[Array, "... blocks"]:
-    """The float32 absmax of every 64-block: dynamic_map[q] * absmax2, then + offset (two roundings,
-    kept apart by an optimization barrier so no fused multiply-add merges them)."""
+    """The float32 absmax of every 64-block: dynamic_map[q] * absmax2, then + offset, two float32
+    roundings as in bitsandbytes' separate kernels."""
     if not kernel.double_quantized:
         return kernel.absmax
     blocks = kernel.absmax.shape[-1]
     table = jnp.asarray(DYNAMIC_MAP)
     nested = jnp.repeat(kernel.nested_absmax, kernel.nested_blocksize, axis=-1)[..., :blocks]
-    product = jax.lax.optimization_barrier(table[kernel.absmax.astype(jnp.int32)] * nested)
+    product = _unfused(table[kernel.absmax.astype(jnp.int32)] * nested, nested)
     return product + kernel.nested_offset[..., None]
 
 
@@ -347,7 +357,8 @@ def dequantized_view(tree: dict, dtype: Any) -> dict:
 def dequantized_tree(tree: dict, dtype: Any) -> dict:
     """The parameter tree with every QuantizedKernel dequantized to a [layers, in, out] jnp array."""
     return jax.tree.map(
-        lambda leaf: dequantize_reference(leaf, dtype) if is_quantized(leaf) else leaf, tree, is_leaf=is_quantized
+        lambda leaf: _dequantize_layer(leaf, dtype=jnp.dtype(dtype)) if is_quantized(leaf) else leaf, tree,
+        is_leaf=is_quantized,
     )
 
 
