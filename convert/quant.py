@@ -20,7 +20,8 @@ absmax is dynamic_map[q] * absmax2 + offset, two float32 roundings, as bitsandby
 
 int8 (load_in_8bit here): blocks of 64 in the same layout, q = rint(w * 127 / absmax) in
 [-127, 127], w = q * (absmax / 127). This is not bitsandbytes' LLM.int8() (row-wise with
-outlier columns); it is the simple blockwise format, with half NF4's error (README).
+outlier columns); it is the simple blockwise format, with about 1/15 of NF4's weight error
+(README).
 
 The arrays keep the stacked layout the model scans over: a QuantizedKernel's arrays have a
 leading [layers] axis in the parameter tree and none inside the scanned layer body.
