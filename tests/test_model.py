@@ -168,8 +168,3 @@ def test_error_tensor_shape_mismatch(tiny_checkpoints, tmp_path):
 def test_error_unknown_dtype(tiny_checkpoints):
     with pytest.raises(ConfigError, match="'float8'"):
         FastLanguageModel.from_pretrained(tiny_checkpoints["llama"], dtype="float8")
-
-
-def test_load_in_4bit_not_yet(tiny_checkpoints):
-    with pytest.raises(NotImplementedError, match="load_in_4bit"):
-        FastLanguageModel.from_pretrained(tiny_checkpoints["llama"], load_in_4bit=True)
