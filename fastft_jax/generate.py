@@ -15,7 +15,7 @@ cumsum(attention_mask) - 1, and padding slots carry key segment id 0, so no quer
 prompt is left-padded further to a multiple of PROMPT_MULTIPLE columns, so that prompts of nearby
 lengths (the turns of a chat) share one compiled program; the padding never shows in the output.
 
-The projections go through model.py's `_project`, so un-merged LoRA adapters apply on the fly and
+The layer halves are model.py's attention_qkv and attention_out_mlp, whose projections go through `_project`, so un-merged LoRA adapters apply on the fly and
 whatever base weights `_project` understands (16-bit or quantized) work unchanged.
 """
 
@@ -39,7 +39,7 @@ from convert.hf import ModelConfig
 from convert.quant import is_quantized
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
-from fastft_jax.model import CausalLM, _project, logits_from_hidden
+from fastft_jax.model import CausalLM, attention_out_mlp, attention_qkv, embed_tokens, logits_from_hidden
 
 # A decode step works on [batch, 1] rows: XLA's fusion of the references is what a matrix-vector
 # step wants, where the Pallas kernels are tiled for training-length sequences. (Its attention is
@@ -100,57 +100,6 @@ class DecodeState(NamedTuple):
 
 
 # -- the layer, split at the KV cache -------------------------------------------------------------
-def _projector(layer: dict, layer_lora: dict | None, lora_config: LoRAConfig | None, ops_config: ops.OpsConfig):
-    return functools.partial(
-        _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=None
-    )
-
-
-def _rotated_qkv(
-    hidden: Float[Array, "batch seq hidden"],
-    layer: dict,
-    layer_lora: dict | None,
-    positions: Int[Array, "batch seq"],
-    config: ModelConfig,
-    lora_config: LoRAConfig | None,
-    ops_config: ops.OpsConfig,
-) -> tuple[Array, Array, Array]:
-    """The first half of model.decoder_layer: q, k (rotated) and v, [batch, seq, heads, head_dim]."""
-    batch, seq, _ = hidden.shape
-    project = _projector(layer, layer_lora, lora_config, ops_config)
-    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
-    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
-    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
-        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
-    q, k = ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config)
-    return q, k, v
-
-
-def _attention_out_and_mlp(
-    hidden: Float[Array, "batch seq hidden"],
-    attn: Float[Array, "batch seq heads head_dim"],
-    layer: dict,
-    layer_lora: dict | None,
-    config: ModelConfig,
-    lora_config: LoRAConfig | None,
-    ops_config: ops.OpsConfig,
-) -> Float[Array, "batch seq hidden"]:
-    """The second half of model.decoder_layer: output projection, residual, MLP, residual."""
-    batch, seq, _ = hidden.shape
-    project = _projector(layer, layer_lora, lora_config, ops_config)
-    hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
-    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
-    mlp = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
-    return hidden + project("down_proj", mlp)
-
-
-def _embed(params: dict, input_ids: Array, compute_dtype: Any) -> Array:
-    return jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype)
-
-
 def _last_logits(params: dict, hidden: Array, static: _Static, ops_config: ops.OpsConfig) -> Float[Array, "batch vocab"]:
     last = ops.rms_norm(hidden[:, -1:], params["final_norm"], static.config.rms_norm_eps, ops_config)
     return logits_from_hidden(params, last, static.config)[:, 0]
@@ -242,15 +191,15 @@ def _prefill(
     def body(carry, per_layer):
         hidden, k_cache, v_cache = carry
         layer, layer_lora, index = per_layer
-        q, k, v = _rotated_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.prefill_ops)
+        q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.prefill_ops)
         attn = ops.attention(q, k, v, segment_ids, static.prefill_ops)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, 0, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, 0, 0, 0))
-        hidden = _attention_out_and_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.prefill_ops)
+        hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.prefill_ops)
         return (hidden, k_cache, v_cache), None
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
-    hidden = _embed(params, input_ids, static.compute_dtype)
+    hidden = embed_tokens(params, input_ids, static.compute_dtype)
     (hidden, k_cache, v_cache), _ = jax.lax.scan(
         body, (hidden, k_cache, v_cache), (params["layers"], layers_lora, layer_index)
     )
@@ -285,15 +234,15 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
     def body(carry, per_layer):
         hidden, k_cache, v_cache = carry
         layer, layer_lora, index = per_layer
-        q, k, v = _rotated_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
+        q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, slot, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, slot, 0, 0))
         attn = decode_attention(q, k_cache[index], v_cache[index], key_segment_ids)
-        hidden = _attention_out_and_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
+        hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
         return (hidden, k_cache, v_cache), None
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
-    hidden = _embed(params, fed, static.compute_dtype)
+    hidden = embed_tokens(params, fed, static.compute_dtype)
     (hidden, k_cache, v_cache), _ = jax.lax.scan(
         body, (hidden, state.k_cache, state.v_cache), (params["layers"], layers_lora, layer_index)
     )

@@ -64,6 +64,53 @@ def _project(
     return out
 
 
+def attention_qkv(
+    hidden: Float[Array, "batch seq hidden"],
+    layer: dict,
+    layer_lora: dict | None,
+    positions: Int[Array, "batch seq"],
+    config: ModelConfig,
+    lora_config: LoRAConfig | None,
+    ops_config: ops.OpsConfig,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """The layer up to attention: q and k (normed for qwen3, rotated) and v, [batch, seq, heads, head_dim].
+    Split out so that generation can put k and v into its cache between the two halves."""
+    batch, seq, _ = hidden.shape
+    project = functools.partial(
+        _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
+    )
+    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
+    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
+    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
+        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
+    return (*ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config), v)
+
+
+def attention_out_mlp(
+    hidden: Float[Array, "batch seq hidden"],
+    attn: Float[Array, "batch seq heads head_dim"],
+    layer: dict,
+    layer_lora: dict | None,
+    config: ModelConfig,
+    lora_config: LoRAConfig | None,
+    ops_config: ops.OpsConfig,
+    dropout_rng: Array | None = None,
+) -> Float[Array, "batch seq hidden"]:
+    """The layer after attention: output projection, residual, MLP, residual."""
+    batch, seq, _ = hidden.shape
+    project = functools.partial(
+        _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
+    )
+    hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
+    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
+    mlp = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
+    return hidden + project("down_proj", mlp)
+
+
 def decoder_layer(
     hidden: Float[Array, "batch seq hidden"],
     layer: dict,
@@ -75,24 +122,14 @@ def decoder_layer(
     ops_config: ops.OpsConfig,
     dropout_rng: Array | None,
 ) -> Float[Array, "batch seq hidden"]:
-    batch, seq, _ = hidden.shape
     hidden = checkpoint_name(hidden, LAYER_INPUT)
-    project = functools.partial(
-        _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
-    )
-    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
-    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
-    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
-        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
-    q, k = ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config)
-    attn = ops.attention(q, k, v, segment_ids, ops_config).reshape(batch, seq, config.num_heads * config.head_dim)
-    hidden = hidden + project("o_proj", attn)
-    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
-    mlp = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
-    return hidden + project("down_proj", mlp)
+    q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, lora_config, ops_config, dropout_rng)
+    attn = ops.attention(q, k, v, segment_ids, ops_config)
+    return attention_out_mlp(hidden, attn, layer, layer_lora, config, lora_config, ops_config, dropout_rng)
+
+
+def embed_tokens(params: dict, input_ids: Int[Array, "batch seq"], compute_dtype: Any) -> Float[Array, "batch seq hidden"]:
+    return jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype)
 
 
 def _checkpoint_policy(mode):
@@ -138,7 +175,7 @@ def decoder_hidden(
     """Embeddings, every decoder layer (scanned) and the final norm."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-    hidden = jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype)
+    hidden = embed_tokens(params, input_ids, compute_dtype)
     layers_lora = (lora_params or {}).get("layers")
     if dropout_rng is not None:
         layer_rngs = jax.random.split(dropout_rng, config.num_layers)
