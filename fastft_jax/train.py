@@ -136,14 +136,23 @@ def _inside(output_dir: str, path: str) -> Path:
 
 
 def run(config: RunConfig) -> dict:
-    """Validate the data, load the model, attach LoRA, train, export. Returns where things went."""
+    """Validate the data, load the model, attach LoRA, train, export. Returns where things went.
+
+    Several hosts: run the same command on each, one process per host, with JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under srun); process 0 logs and exports."""
+    import jax
+
+    from fastft_jax import sharding
+
+    sharding.initialize_distributed()
+    sharding.make_mesh(config.training.mesh)  # a mesh that does not fit the devices fails before any work
     records = load_records(config.data.path, config.data.split) if config.data.path else None
     if records is None:
         raise ConfigError("data.path is required on the command line: the dataset file or directory to train on")
     validate_fields(records, config.data)
 
     from fastft_jax import FastLanguageModel
-    from fastft_jax.trainer import SFTTrainer
+    from fastft_jax.trainer import SFTTrainer, set_variables
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         config.model.name, max_seq_length=config.model.max_seq_length, dtype=config.model.dtype,
@@ -155,13 +164,25 @@ def run(config: RunConfig) -> dict:
         bias=lora.bias, use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=lora.random_state,
         use_rslora=lora.use_rslora,
     )
-    model.print_trainable_parameters()
+    if sharding.is_main_process():
+        model.print_trainable_parameters()
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=records, args=config.training,
                          data_config=config.data)
     stats = trainer.train()
     output_dir = config.training.output_dir
     outputs = {"output_dir": output_dir, "metrics": str(Path(output_dir) / "metrics.jsonl"),
                "loss_curve": str(Path(output_dir) / "loss_curve.png")}
+    outputs["final_loss"] = trainer.log_history[-1].get("loss") if trainer.log_history else None
+    outputs["training_loss"] = stats.training_loss
+    outputs["global_step"] = stats.global_step
+    if jax.process_count() > 1:
+        # The exports read whole arrays: gather them to every host (a collective, so every process
+        # takes part); then process 0 alone writes.
+        model.set_lora_params(sharding.gather_to_host(model.lora_params()))
+        if config.export.merged or config.export.gguf:
+            set_variables(model.base, sharding.gather_to_host(model.base_params()))
+    if not sharding.is_main_process():
+        return outputs
     adapter_dir = _inside(output_dir, config.export.adapter_dir)
     model.save_pretrained(adapter_dir, overwrite=True)
     tokenizer.save_pretrained(str(adapter_dir))
@@ -173,9 +194,6 @@ def run(config: RunConfig) -> dict:
     if config.export.gguf:
         gguf_dir = _inside(output_dir, config.export.gguf_dir)
         outputs["gguf"] = str(model.save_pretrained_gguf(gguf_dir, tokenizer, quantization_method=config.export.gguf))
-    outputs["final_loss"] = trainer.log_history[-1].get("loss") if trainer.log_history else None
-    outputs["training_loss"] = stats.training_loss
-    outputs["global_step"] = stats.global_step
     return outputs
 
 
@@ -187,14 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
-        print("fastft_jax: resolved config\n" + _resolved_yaml(config))
+        from fastft_jax import sharding
+
+        sharding.initialize_distributed()
+        sharding.main_print("fastft_jax: resolved config\n" + _resolved_yaml(config))
         outputs = run(config)
     except FastFTError as err:
         print(f"fastft_jax.train: error: {err}", file=sys.stderr)
         return 2
-    print("\nfastft_jax: done")
+    sharding.main_print("\nfastft_jax: done")
     for name, value in outputs.items():
-        print(f"  {name:14s} {value}")
+        sharding.main_print(f"  {name:14s} {value}")
     return 0
 
 

@@ -9,6 +9,7 @@ to the float32 LoRA masters. The frozen base is an argument, never differentiate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 Array = jax.Array
 
 from convert.errors import ConfigError, DataError
-from fastft_jax import ops
+from fastft_jax import ops, sharding
 from fastft_jax.config_utils import dataclass_from_dict, nearest_key_hint
 from fastft_jax.data import (
     IGNORE_INDEX,
@@ -90,7 +91,8 @@ class _TrainingArgumentFields:
     optim: str = "adamw_torch"
     resume_from_checkpoint: str | bool | None = None
     dataloader_drop_last: bool = False
-    # Device mesh, e.g. {"data": -1, "fsdp": 1}; None is one device.
+    # Device mesh, e.g. {"data": -1, "fsdp": 1} (-1: all remaining devices); None is one device.
+    # fastft_jax/sharding.py says what each axis splits.
     mesh: dict | None = None
     # Write a loss-curve PNG into output_dir at the end of train().
     plot_loss: bool = True
@@ -117,6 +119,7 @@ class _TrainingArgumentFields:
             raise ConfigError(f"training.eval_strategy {self.eval_strategy!r}; choose steps, epoch or no")
         if self.bf16 and self.fp16:
             raise ConfigError("training: set bf16 or fp16, not both")
+        sharding.validate_mesh_config(self.mesh, "training.mesh")
 
 
 
@@ -217,6 +220,19 @@ def token_loss_sum(
     dropout_rng: Array | None, setup: LossSetup,
 ) -> Array:
     """Sum of token losses of one micro-batch divided by normalizer (the step's trained tokens)."""
+    if sharding.data_parallel_only():
+        # Every device holds every weight: each runs the whole model on its own rows (Pallas kernels
+        # included, which XLA cannot split by itself); the partial losses add up, and the adapters'
+        # gradients are summed over the devices by the transpose of the shard_map.
+        per_device = sharding.batch_local(
+            functools.partial(_local_token_loss_sum, setup=setup), batched=(False, False, True, False, False),
+            sum_output=True, rng_arg=4,
+        )
+        return per_device(lora_params, base_params, micro, normalizer, dropout_rng)
+    return _local_token_loss_sum(lora_params, base_params, micro, normalizer, dropout_rng, setup)
+
+
+def _local_token_loss_sum(lora_params, base_params, micro: StepInputs, normalizer, dropout_rng, setup: LossSetup):
     hidden = decoder_hidden(
         base_params, lora_params, micro.input_ids, micro.positions,
         micro.segment_ids if setup.use_segments else None,
@@ -224,8 +240,13 @@ def token_loss_sum(
         compute_dtype=setup.compute_dtype, gradient_checkpointing=setup.gradient_checkpointing, dropout_rng=dropout_rng,
     )
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    return ops.cross_entropy(hidden, lm_head_weight(base_params, setup.config), micro.labels.reshape(-1),
-                             normalizer, setup.ops_config)
+    # On a mesh every device scores its own tokens against the whole (gathered) head, and the
+    # devices' partial sums are added; the loss head's token-chunk scan then stays on local tokens.
+    loss_head = sharding.batch_local(
+        lambda hidden, lm_head, labels, normalizer: ops.cross_entropy(hidden, lm_head, labels, normalizer, setup.ops_config),
+        batched=(True, False, True, False), sum_output=True,
+    )
+    return loss_head(hidden, lm_head_weight(base_params, setup.config), micro.labels.reshape(-1), normalizer)
 
 
 def accumulate_gradients(
@@ -304,6 +325,12 @@ class SFTTrainer:
         if self.tokenizer is None:
             raise ConfigError("SFTTrainer needs tokenizer= (or processing_class=)")
         self.args = args or TrainingArguments()
+        # The mesh first: a mesh that does not fit the devices fails before any data work.
+        self.mesh = sharding.make_mesh(self.args.mesh)
+        self.batch_shards = sharding.batch_shards(self.mesh)
+        if self.mesh.devices.size > 1:
+            sharding.main_print(f"fastft_jax: mesh {sharding.describe_mesh(self.mesh)}; global batch "
+                                f"{self.args.per_device_train_batch_size} x {self.batch_shards} rows")
         if data_config is None:
             data_config = DataConfig(
                 text_field=dataset_text_field or "text",
@@ -324,18 +351,21 @@ class SFTTrainer:
                 eval_source = _apply_formatting_func(eval_dataset, formatting_func, self.data_config.text_field or "text")
             self.eval_data, _ = prepare_datasets(dataclasses.replace(self.data_config, eval_fraction=0.0, eval_path=None),
                                                  self.tokenizer, source=eval_source, seed=self.args.seed)
-        print(f"fastft_jax: train data: {self.train_data.stats}")
+        sharding.main_print(f"fastft_jax: train data: {self.train_data.stats}")
         kernels = self.model.ops_config.describe(packed_rows=self.data_config.packing)
-        print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
+        sharding.main_print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
+        # HF's meaning: every device trains per_device_train_batch_size rows of each micro-batch.
         self.train_batches = BatchIterator.from_config(
-            self.train_data, self.data_config, self.args.per_device_train_batch_size, seed=self.args.seed
+            self.train_data, self.data_config, self.args.per_device_train_batch_size * self.batch_shards,
+            seed=self.args.seed,
         )
         self.eval_batches = None
         if self.eval_data is not None:
             # Evaluate example by example (no packing), so the eval loss does not depend on how rows pack.
             eval_config = dataclasses.replace(self.data_config, packing=False)
             self.eval_batches = BatchIterator.from_config(
-                self.eval_data, eval_config, min(self.args.per_device_eval_batch_size, len(self.eval_data)),
+                self.eval_data, eval_config,
+                min(self.args.per_device_eval_batch_size * self.batch_shards, len(self.eval_data)),
                 seed=self.args.seed, shuffle=False,
             )
         micro_per_epoch = self.train_batches.steps_per_epoch
@@ -350,6 +380,7 @@ class SFTTrainer:
         )
         self.schedule = learning_rate_schedule(self.args, self.total_steps)
         self.log_history: list[dict] = []
+        self._place_model()
         self._train_step = self._build_train_step()
         self._eval_step = self._build_eval_step()
 
@@ -369,7 +400,22 @@ class SFTTrainer:
                 "resume_from_checkpoint=True to continue, overwrite_output_dir=True to start over, or another output_dir"
             )
 
+    def _place_model(self) -> None:
+        """Lay the model's base weights and adapters out on the mesh by sharding.PARTITION_RULES and
+        write them back into the model, so that no unsharded copy stays on a device."""
+        base, lora = self.model.base_params(), self.model.lora_params()
+        self.base_shardings = sharding.param_shardings(base, self.mesh)
+        self.lora_shardings = sharding.param_shardings(lora, self.mesh)
+        self.opt_state_shardings = sharding.optimizer_state_shardings(
+            self.optimizer, lora, self.lora_shardings, self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, leading_axes=1)
+        set_variables(self.model.base, sharding.place(base, self.base_shardings))
+        self.model.set_lora_params(sharding.place(lora, self.lora_shardings))
+
     def _build_train_step(self):
+        if not hasattr(self, "base_shardings"):  # bench/e2e.py builds the step on a trainer shell
+            self.mesh = sharding.make_mesh(self.args.mesh)
+            self._place_model()
         args, optimizer = self.args, self.optimizer
         setup = LossSetup.of(self.model, use_segments=self.data_config.packing)
         use_dropout = self.model.lora_config.dropout > 0
@@ -383,7 +429,15 @@ class SFTTrainer:
             metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": normalizer}
             return lora_params, opt_state, metrics
 
-        return jax.jit(train_step, donate_argnums=(0, 1))
+        replicated = sharding.replicated(self.mesh)
+        # The shardings below are all XLA needs: it reduces the gradients over the batch axes and
+        # gathers each layer's sharded weights where they are used.
+        return jax.jit(
+            train_step, donate_argnums=(0, 1),
+            in_shardings=(self.lora_shardings, self.opt_state_shardings, self.base_shardings, self.batch_sharding,
+                          replicated, replicated),
+            out_shardings=(self.lora_shardings, self.opt_state_shardings, replicated),
+        )
 
     def _build_eval_step(self):
         setup = LossSetup.of(self.model, use_segments=False, gradient_checkpointing=False)
@@ -392,7 +446,9 @@ class SFTTrainer:
             micro = jax.tree.map(lambda x: x[0], step_inputs)
             return token_loss_sum(lora_params, base_params, micro, jnp.float32(1.0), None, setup)
 
-        return jax.jit(eval_step)
+        replicated = sharding.replicated(self.mesh)
+        return jax.jit(eval_step, in_shardings=(self.lora_shardings, self.base_shardings, self.batch_sharding),
+                       out_shardings=replicated)
 
     # -- running -----------------------------------------------------------------------------------
     def micro_batches_for_step(self, step: int) -> list[Batch]:
@@ -408,7 +464,10 @@ class SFTTrainer:
         base, lora = self.model.base_params(), self.model.lora_params()
         total_loss, total_tokens = 0.0, 0
         for batch in self.eval_batches.epoch_batches(0):
-            total_loss += float(self._eval_step(lora, base, stack_micro_batches([batch])))
+            step_inputs = pad_rows(stack_micro_batches([batch]), self.batch_shards)
+            with jax.set_mesh(self.mesh):
+                loss = self._eval_step(lora, base, sharding.place_batch(step_inputs, self.batch_sharding))
+            total_loss += float(loss)
             total_tokens += int(np.count_nonzero(batch.labels != IGNORE_INDEX))
         return {"eval_loss": total_loss / max(total_tokens, 1), "eval_tokens": total_tokens}
 
@@ -416,9 +475,9 @@ class SFTTrainer:
         args = self.args
         output_dir = Path(args.output_dir)
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
-        base = self.model.base_params()
-        lora = jax.tree.map(jnp.asarray, self.model.lora_params())
-        opt_state = self.optimizer.init(lora)
+        base = sharding.place(self.model.base_params(), self.base_shardings)
+        lora = sharding.place(self.model.lora_params(), self.lora_shardings)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_state_shardings)(lora)
         start_step = 0
         if resume:
             checkpoint = resolve_checkpoint(output_dir, resume)
@@ -426,10 +485,10 @@ class SFTTrainer:
                 lora, opt_state, state = load_checkpoint(checkpoint, lora, opt_state)
                 start_step = state["global_step"]
                 self.log_history = state.get("log_history", [])
-                print(f"fastft_jax: resumed from {checkpoint} at step {start_step}")
-        seed_key = jax.random.PRNGKey(args.seed)
+                sharding.main_print(f"fastft_jax: resumed from {checkpoint} at step {start_step}")
+        seed_key = sharding.place(jax.random.PRNGKey(args.seed), sharding.replicated(self.mesh))
         metrics_path = output_dir / "metrics.jsonl"
-        if start_step == 0 and metrics_path.exists():
+        if start_step == 0 and metrics_path.exists() and sharding.is_main_process():
             metrics_path.unlink()
         logging_every = _every(args.logging_steps, self.total_steps)
         save_every = _every(args.save_steps, self.total_steps) if args.save_strategy == "steps" else 0
@@ -440,13 +499,17 @@ class SFTTrainer:
         tokens_total = 0
         trained_tokens_total = 0
         step = start_step
-        progress = tqdm(total=self.total_steps, initial=start_step, desc="Training", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=self.total_steps, initial=start_step, desc="Training", unit="step", dynamic_ncols=True,
+                        disable=not sharding.is_main_process())
         try:
             while step < self.total_steps:
                 step_inputs = stack_micro_batches(self.micro_batches_for_step(step))
-                lora, opt_state, metrics = self._train_step(
-                    lora, opt_state, base, jax.tree.map(jnp.asarray, step_inputs), jnp.int32(step), seed_key
-                )
+                # Traced under the mesh, so that sharding.batch_local and the model's sharding hints see it.
+                with jax.set_mesh(self.mesh):
+                    lora, opt_state, metrics = self._train_step(
+                        lora, opt_state, base, sharding.place_batch(step_inputs, self.batch_sharding), np.int32(step),
+                        seed_key,
+                    )
                 step += 1
                 loss = float(metrics["loss"])
                 trained = int(metrics["trained_tokens"])
@@ -471,7 +534,7 @@ class SFTTrainer:
             progress.close()
             path = self._save(step, lora, opt_state)
             self.model.set_lora_params(lora)
-            print(f"\nfastft_jax: interrupted; saved {path}. Resume with resume_from_checkpoint=True")
+            sharding.main_print(f"\nfastft_jax: interrupted; saved {path}. Resume with resume_from_checkpoint=True")
             raise
         progress.close()
         self.model.set_lora_params(lora)
@@ -480,7 +543,7 @@ class SFTTrainer:
         if self.eval_batches is not None and args.eval_strategy != "no":
             self._record({"step": step, **self.evaluate()}, metrics_path, None)
         runtime = time.perf_counter() - run_start
-        if args.plot_loss:
+        if args.plot_loss and sharding.is_main_process():
             plot_loss_curve(self.log_history, output_dir / "loss_curve.png")
         training_loss = float(np.mean(all_losses)) if all_losses else float("nan")
         metrics = {
@@ -509,6 +572,8 @@ class SFTTrainer:
 
     def _record(self, record: dict, metrics_path: Path, progress) -> None:
         self.log_history.append(record)
+        if not sharding.is_main_process():
+            return
         line = json.dumps(record)
         with open(metrics_path, "a") as handle:
             handle.write(line + "\n")
@@ -518,7 +583,8 @@ class SFTTrainer:
     def _save(self, step: int, lora, opt_state) -> Path:
         path = save_checkpoint(Path(self.args.output_dir), step, lora, opt_state,
                                {"global_step": step, "seed": self.args.seed, "log_history": self.log_history})
-        prune_checkpoints(Path(self.args.output_dir), self.args.save_total_limit)
+        if sharding.is_main_process():
+            prune_checkpoints(Path(self.args.output_dir), self.args.save_total_limit)
         return path
 
 
@@ -553,9 +619,34 @@ def _apply_formatting_func(dataset: Any, formatting_func: Callable, field: str) 
 
 
 def peak_device_memory_gib() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+    """The largest peak over this process's devices."""
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+    peaks = [peak for peak in peaks if peak is not None]
+    return max(peaks) / 2**30 if peaks else None
+
+
+def pad_rows(step_inputs: StepInputs, multiple: int) -> StepInputs:
+    """Top the rows up to a multiple of the batch shards with empty rows (segment 0, every label
+    ignored), which change neither a loss sum nor a gradient."""
+    rows = step_inputs.input_ids.shape[1]
+    extra = -rows % multiple
+    if not extra:
+        return step_inputs
+    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "positions": 0, "segment_ids": 0}
+    return StepInputs(**{
+        name: np.pad(np.asarray(array), ((0, 0), (0, extra), (0, 0)), constant_values=fill[name])
+        for name, array in step_inputs._asdict().items()
+    })
+
+
+def set_variables(variables: Any, values: Any) -> None:
+    """Write a tree of arrays into the matching tree of NNX variables."""
+    from flax import nnx
+
+    jax.tree.map(
+        lambda variable, value: variable.set_value(value) if hasattr(variable, "set_value") else setattr(variable, "value", value),
+        variables, values, is_leaf=lambda node: isinstance(node, nnx.Variable),
+    )
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -586,30 +677,44 @@ def resolve_checkpoint(output_dir: Path, resume: str | bool) -> Path | None:
 
 def save_checkpoint(output_dir: Path, step: int, lora, opt_state, state: dict) -> Path:
     """Write checkpoint-<step> atomically: orbax into a temporary directory, the trainer state last,
-    then one rename. A crash leaves only a temporary directory, which resume ignores."""
+    then one rename. A crash leaves only a temporary directory, which resume ignores.
+
+    Sharded arrays are saved as they lie: each process writes the shards its devices hold (several
+    hosts need an output_dir they all share), and process 0 writes the trainer state and renames."""
     import orbax.checkpoint as ocp
 
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-checkpoint-{step}-"))
+    # One name for every process: orbax writes a single checkpoint from all of them.
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    main = sharding.is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    sharding.sync_processes(f"fastft_jax:save:{step}:start")
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.resolve() / "state", {"lora": lora, "opt_state": opt_state})
         checkpointer.wait_until_finished()
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        sharding.sync_processes(f"fastft_jax:save:{step}:written")
+        if main:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        sharding.sync_processes(f"fastft_jax:save:{step}:done")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
 def load_checkpoint(path: Path, lora_like, opt_state_like):
+    """Restore onto the layout of lora_like and opt_state_like (arrays already placed on this run's
+    mesh), whatever mesh the checkpoint was saved from: orbax reads each device's slices."""
     import orbax.checkpoint as ocp
 
-    target = {"lora": lora_like, "opt_state": opt_state_like}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = sharding.abstract_like({"lora": lora_like, "opt_state": opt_state_like})
     restored = ocp.StandardCheckpointer().restore(Path(path).resolve() / "state", abstract)
     state = json.loads((Path(path) / TRAINER_STATE).read_text())
     return restored["lora"], restored["opt_state"], state

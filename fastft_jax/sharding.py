@@ -1,0 +1,360 @@
+"""Scaling out on JAX's own engine: a device mesh from config, partition rules by parameter name,
+and the helpers that place trees on the mesh, for one host or several.
+
+The mesh has two axes:
+  - "data": data parallel. Parameters are replicated along it; batch rows are split over it.
+  - "fsdp": fully sharded data parallel. The frozen base weights, the LoRA adapters and the
+    optimiser state are split over it by PARTITION_RULES; batch rows are split over it too.
+Both axes consume batch rows, so every device trains per_device_train_batch_size rows (HF's
+meaning) and the step's global batch is that times the device count. All communication (the
+gradient reduction over the batch axes, gathering a layer's sharded weights before its matmuls) is
+inserted by XLA's SPMD partitioner from the shardings given to jit; nothing here sends a byte.
+
+Several hosts run one process each (`initialize_distributed` below); every process builds the same
+global batch from the same seed and places only the rows its devices hold.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+Array = jax.Array
+
+from convert.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp")
+# The batch dimension is split over both axes: data-parallel replicas and FSDP shards each take rows.
+BATCH_AXES = ("data", "fsdp")
+
+# Partition rules: (pattern over the "/"-joined parameter path, axes to try in order). The first
+# pattern that matches decides; the first listed axis whose size the fsdp axis divides is sharded
+# over "fsdp". LARGEST tries every axis but the stacked layer axis, largest first. A leaf that
+# matches no rule, or none of whose axes divides, is replicated: that is always correct (XLA then
+# has nothing to gather), only not memory-saving. Stacked layer axes are never sharded: the layer
+# scan slices them, and a sharded layer axis would be gathered whole at every step of the scan.
+LARGEST = "largest"
+PARTITION_RULES: tuple[tuple[str, Any], ...] = (
+    # [vocab, hidden]: on hidden, so that the token lookup stays local (a vocab-sharded table would
+    # make every device look up every token and sum the partial rows).
+    (r"^embed$", (1, 0)),
+    (r"^lm_head$", (1, 0)),  # [hidden, vocab]
+    (r"(^|/)\w*norm$", ()),  # [layers, hidden] / [hidden]: small, replicated
+    (r"/bias$", ()),  # [layers, out]: small, replicated
+    (r"/lora_a$", (1,)),  # [layers, in, r]: on in
+    (r"/lora_b$", (2,)),  # [layers, r, out]: on out
+    # [layers, in, out] kernels, and any other leaf a projection holds: quantized codes and their
+    # scales (uint8 / float leaves of other shapes) shard on their largest axis the fsdp size divides.
+    (r"^layers/\w+_proj/", LARGEST),
+)
+
+
+# -- the mesh --------------------------------------------------------------------------------------
+def validate_mesh_config(mesh: Mapping[str, Any] | None, where: str = "training.mesh") -> None:
+    """Checks that need no devices: known axis names, integer sizes, at most one -1."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, Mapping):
+        raise ConfigError(f"{where} must be a mapping of axis sizes like {{data: -1, fsdp: 1}}, got {mesh!r}")
+    unknown = [name for name in mesh if name not in MESH_AXES]
+    if unknown:
+        raise ConfigError(f"{where} has unknown axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
+    for name, size in mesh.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ConfigError(f"{where}.{name} must be a positive integer or -1 (all remaining devices), got {size!r}")
+    if sum(size == -1 for size in mesh.values()) > 1:
+        raise ConfigError(f"{where} {dict(mesh)} has more than one -1; at most one axis takes the remaining devices")
+
+
+def resolve_mesh_shape(mesh: Mapping[str, int] | None, device_count: int, where: str = "training.mesh") -> dict[str, int]:
+    """Axis sizes with -1 filled in. The product must divide device_count; without a -1 a mesh may
+    use the first product devices (multi-host runs must use them all: see make_mesh)."""
+    validate_mesh_config(mesh, where)
+    sizes = {name: 1 for name in MESH_AXES}
+    sizes.update(mesh or {})
+    fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+    if device_count % fixed:
+        raise ConfigError(
+            f"{where} {dict(mesh)} asks for {fixed} devices, but {device_count} are present and {fixed} does not "
+            f"divide {device_count}; choose axis sizes whose product divides {device_count} (-1 takes the rest)"
+        )
+    for name, size in sizes.items():
+        if size == -1:
+            sizes[name] = device_count // fixed
+    return sizes
+
+
+def make_mesh(mesh: Mapping[str, int] | None, devices: Sequence[jax.Device] | None = None,
+              where: str = "training.mesh") -> Mesh:
+    """The ("data", "fsdp") mesh; None is one device. "fsdp" is the inner (fastest-varying) axis, so
+    on several hosts it spans a host's own GPUs (NVLink) and "data" crosses hosts."""
+    devices = list(jax.devices() if devices is None else devices)
+    if mesh is None:
+        if jax.process_count() > 1:
+            raise ConfigError(f"{where} is not set but {jax.process_count()} processes run; set it, e.g. {{data: -1}}")
+        devices = devices[:1]
+    sizes = resolve_mesh_shape(mesh, len(devices), where)
+    count = int(np.prod(list(sizes.values())))
+    if count < len(devices) and jax.process_count() > 1:
+        raise ConfigError(
+            f"{where} {dict(mesh)} uses {count} of the {len(devices)} devices of this {jax.process_count()}-process "
+            "run; a multi-host mesh must use every device (use -1 for one axis)"
+        )
+    return jax.make_mesh(
+        tuple(sizes[name] for name in MESH_AXES), MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:count],
+    )
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch rows are split: the product of the batch axes."""
+    return int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    sizes = " x ".join(f"{name}={mesh.shape[name]}" for name in MESH_AXES)
+    return f"{sizes} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), {jax.process_count()} process(es)"
+
+
+# -- partition rules -------------------------------------------------------------------------------
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """'layers/q_proj/kernel' for a tree path of dict keys, attributes or indices."""
+    return "/".join(_key_name(key) for key in path)
+
+
+def partition_spec(name: str, shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
+    """The PartitionSpec PARTITION_RULES give a leaf of this name and shape on an fsdp axis of fsdp_size."""
+    if fsdp_size == 1 or not shape:
+        return PartitionSpec()
+    for pattern, axes in PARTITION_RULES:
+        if re.search(pattern, name):
+            break
+    else:
+        return PartitionSpec()
+    if axes == LARGEST:
+        first = 1 if name.startswith("layers/") else 0
+        axes = sorted(range(first, len(shape)), key=lambda axis: -shape[axis])
+    for axis in axes:
+        if axis < len(shape) and shape[axis] % fsdp_size == 0:
+            return PartitionSpec(*(("fsdp" if index == axis else None) for index in range(len(shape))))
+    return PartitionSpec()
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per leaf of a parameter tree (base weights or LoRA adapters)."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, partition_spec(path_name(path), np.shape(leaf), fsdp_size)), tree
+    )
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """The optimiser state's shardings: every parameter-shaped leaf (Adam's mu and nu) takes its
+    parameter's sharding, found by optax's state-tree matching; counts and other leaves are replicated."""
+    abstract_state = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_state, shardings,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:
+    """Rows split over BATCH_AXES; leading_axes unsplit axes come first (the step's micro-batch axis)."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), BATCH_AXES))
+
+
+# -- hints inside the model ------------------------------------------------------------------------
+def _context_mesh() -> Any:
+    """The mesh jax.set_mesh put in context (the trainer traces its steps under it), if it is ours
+    and we are not already inside a shard_map over it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or set(MESH_AXES) & set(mesh.manual_axes):
+        return None
+    return mesh
+
+
+def data_parallel_only() -> bool:
+    """True under a mesh in context that splits the batch and nothing else (fsdp=1): every device
+    holds every weight, so whole computations can run per device under batch_local."""
+    mesh = _context_mesh()
+    return mesh is not None and mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1
+
+
+def shard_activations(activations: Array) -> Array:
+    """Constrain activations [batch, ...] to rows split over the batch axes. Without it XLA may
+    instead keep a weight sharded and gather the whole batch's activations onto every device."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return activations
+    shards = int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+    if shards == 1 or activations.shape[0] % shards:
+        return activations
+    return jax.lax.with_sharding_constraint(activations, PartitionSpec(BATCH_AXES))
+
+
+def gather_weights(tree: Any) -> Any:
+    """One layer's weights (a slice of the stacked tree inside the layer scan), whole on every device:
+    FSDP's per-layer all-gather, placed where the layer runs so that at most a layer or two of
+    gathered weights is alive at a time. Quantized leaves are gathered as they are (codes), and
+    dequantized locally after."""
+    mesh = _context_mesh()
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return tree
+    return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, PartitionSpec()), tree)
+
+
+def batch_local(fn: Callable[..., Any], batched: Sequence[bool], *, sum_output: bool = False,
+                rng_arg: int | None = None) -> Callable[..., Any]:
+    """fn run by every device on its own rows, under jax.shard_map over the batch axes: for ops XLA
+    cannot partition itself. A Pallas kernel (a custom call to XLA) would otherwise be given the
+    whole batch's rows on every device; a scan over token chunks would gather every chunk.
+
+    batched[i] says whether argument i has the rows on its leading axis (split over the batch axes)
+    or is the same on every device (weights: gathered whole first, by XLA). Outputs have rows on
+    their leading axis; with sum_output the output is a scalar sum over rows (a loss), and the
+    devices' partial sums are added. Argument rng_arg, a PRNG key (or None), is folded with the
+    device's batch-shard index, so that devices draw different dropout masks for their rows. Without
+    a mesh in context (jax.set_mesh), or with rows that do not split evenly, fn runs as it is."""
+    def wrapped(*args):
+        mesh = _context_mesh()
+        shards = 1 if mesh is None else int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+        rows = [np.shape(leaf)[0] for arg, split in zip(args, batched) if split for leaf in jax.tree.leaves(arg)]
+        if shards == 1 or any(count % shards for count in rows):
+            return fn(*args)
+        in_specs = tuple(PartitionSpec(BATCH_AXES) if split else PartitionSpec() for split in batched)
+        local_fn = fn
+        if rng_arg is not None and args[rng_arg] is not None:
+            def local_fn(*local):
+                shard = jax.lax.axis_index(BATCH_AXES)
+                local = list(local)
+                local[rng_arg] = jax.random.fold_in(local[rng_arg], shard)
+                return fn(*local)
+        if sum_output:
+            # Each device's partial sum becomes one row of a [shards] vector; summing it outside
+            # the shard_map leaves the reduction to XLA.
+            partials = jax.shard_map(lambda *local: local_fn(*local)[None], in_specs=in_specs,
+                                     out_specs=PartitionSpec(BATCH_AXES), check_vma=False)(*args)
+            return partials.sum()
+        return jax.shard_map(local_fn, in_specs=in_specs, out_specs=PartitionSpec(BATCH_AXES), check_vma=False)(*args)
+
+    return wrapped
+
+
+# -- placing trees ---------------------------------------------------------------------------------
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf onto its sharding. One process: a device_put (device to device, or a reshard).
+    Several: each process passes the same host value and keeps only its devices' slices; arrays that
+    already span the processes are resharded by device_put."""
+    def put(leaf, sharding):
+        if jax.process_count() == 1 or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable):
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def place_batch(arrays: Any, sharding: NamedSharding, row_axis: int = 1) -> Any:
+    """Host arrays (the same global batch on every process) onto a batch sharding. The row count must
+    split evenly over the batch axes."""
+    shards = int(np.prod([sharding.mesh.shape[name] for name in BATCH_AXES]))
+
+    def put(host):
+        host = np.asarray(host)
+        rows = host.shape[row_axis]
+        if rows % shards:
+            raise ConfigError(
+                f"a batch of {rows} rows does not split over the mesh's {shards} batch shards "
+                f"(data x fsdp); make the global batch a multiple of {shards} "
+                f"(per_device_train_batch_size is per device: the global batch is it times {shards})"
+            )
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, arrays)
+
+
+def abstract_like(tree: Any) -> Any:
+    """jax.ShapeDtypeStruct targets carrying each leaf's sharding: what orbax restores onto, so a
+    checkpoint saved on one mesh comes back laid out on another."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), tree)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Every leaf as a numpy array holding the whole value, on every process. Arrays that span
+    several processes are all-gathered (a collective: every process must call this)."""
+    def gather(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(gather, tree)
+
+
+# -- several processes -----------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Process 0 logs, writes metrics, plots and exports; the others only compute."""
+    return jax.process_index() == 0
+
+
+def main_print(*args: Any, **kwargs: Any) -> None:
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def initialize_distributed(environ: Mapping[str, str] | None = None,
+                           initialize: Callable[..., None] | None = None) -> bool:
+    """jax.distributed.initialize when the environment describes a multi-process run; True if it did.
+
+    - JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i (0..N-1), one process
+      per host, started by hand or by any launcher;
+    - or SLURM (srun with more than one task), whose variables jax reads itself.
+    Call it before anything touches a device (the CLI does it first thing)."""
+    environ = os.environ if environ is None else environ
+    initialize = jax.distributed.initialize if initialize is None else initialize
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not environ.get(name)]
+        if missing:
+            raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all three")
+        try:
+            num_processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
+        except ValueError as err:
+            raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({err})") from err
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"JAX_PROCESS_ID={process_id} is not in 0..{num_processes - 1} (JAX_NUM_PROCESSES)")
+        initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        return True
+    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and environ.get("SLURM_JOB_ID"):
+        initialize()
+        return True
+    return False
