@@ -44,7 +44,7 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     "lora_linear": "xla",  # the kernel file's custom_vjp on cuBLAS: 0.69x the autodiffed reference, Pallas 0.79x
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
-    "dequant": "pallas",  # NF4 -> 16-bit; not yet measured against XLA's fusion (bench/qlora.py)
+    "dequant": "pallas",  # NF4 -> 16-bit: 1.5x-2x XLA's fusion of the reference (bench/qlora.py, H200)
 }
 
 _KERNELS = {
@@ -196,8 +196,10 @@ def lora_linear(
 
 NF4_CODE_BOOK = tuple(quant.NF4_CODE.tolist())
 # Up to this many rows the forward runs the fused dequant-matmul kernel (decode) instead of
-# dequantizing the whole kernel first.
-FUSED_DEQUANT_MAX_ROWS = 16
+# dequantizing the whole kernel first. 0: measured on the H200 (bench/RESULTS.md), the fused kernel
+# lost to dequantize-then-cuBLAS at 1, 4 and 16 rows on every Llama-3-8B shape but one, so it is off
+# until it is faster.
+FUSED_DEQUANT_MAX_ROWS = 0
 
 
 def dequantize(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Float[Array, "... d_in d_out"]:
