@@ -172,6 +172,13 @@ def test_export_from_the_sharded_model(scenarios):
     assert export["gguf_tensors"] > 0 and export["gguf_vs_merged_rel"] <= 1e-3  # f16 rounding
 
 
+def test_4bit_weights_shard_and_train_alike(scenarios):
+    qlora = scenarios["qlora"]
+    assert _relative(qlora["losses"]["fsdp4"], qlora["losses"]["single"]) <= 1e-5, qlora["losses"]
+    specs = qlora["specs"]
+    assert specs["kernel/codes"] == [None, "fsdp"] and specs["kernel/absmax"] == [None, "fsdp"], specs
+
+
 def test_layer_runs_per_device_with_gathered_weights(scenarios):
     hint = scenarios["layer_hint"]
     assert hint["weights_sharded"]
@@ -273,6 +280,7 @@ def _run_scenarios(checkpoint: Path, out: Path) -> dict:
     result["export"] = export
 
     result["layer_hint"] = _layer_hint_scenario(checkpoint)
+    result["qlora"] = _qlora_scenario(checkpoint, out, rows, data)
     errors = {}
     for name, mesh in (("data3", {"data": 3}), ("fsdp8", {"fsdp": 8}), ("data2_fsdp3", {"data": 2, "fsdp": 3}),
                        ("tensor", {"tensor": 4})):
@@ -282,6 +290,32 @@ def _run_scenarios(checkpoint: Path, out: Path) -> dict:
         except ConfigError as err:
             errors[name] = str(err)
     result["errors"] = errors
+    return result
+
+
+def _qlora_scenario(checkpoint: Path, out: Path, rows: list, data) -> dict:
+    """4-bit (NF4) base weights: the codes and block scales shard over fsdp like any projection
+    leaf, and 6 steps on fsdp=4 give the single-device losses."""
+    import jax
+
+    from fastft_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+    from fastft_jax.sharding import path_name
+    from tests.test_trainer import losses
+
+    result: dict = {"losses": {}}
+    for name, mesh, per_device in (("single", None, 4), ("fsdp4", {"fsdp": DEVICES}, 1)):
+        model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, dtype="float32", max_seq_length=64,
+                                                             load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False,
+                                                 random_state=7)
+        args = TrainingArguments(output_dir=str(out / f"qlora_{name}"), per_device_train_batch_size=per_device,
+                                 max_steps=6, learning_rate=2e-3, logging_steps=1, save_strategy="no", seed=11,
+                                 plot_loss=False, mesh=mesh)
+        trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, args=args, data_config=data)
+        trainer.train()
+        result["losses"][name] = losses(trainer)
+    result["specs"] = {path_name(path): list(leaf.sharding.spec) for path, leaf in
+                       jax.tree_util.tree_flatten_with_path(model.base_params()["layers"]["gate_proj"])[0]}
     return result
 
 
