@@ -115,6 +115,73 @@ def test_initialize_distributed_reads_the_environment():
         initialize_distributed({**env, "JAX_PROCESS_ID": "2"}, record)
 
 
+# -- two processes (one "host" each, 2 virtual devices apiece) ------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_yaml(tmp_path: Path, checkpoint: Path, name: str, training: dict) -> Path:
+    import yaml
+
+    from tests.test_trainer import TEMPLATE, make_rows
+
+    data_file = tmp_path / "rows.jsonl"
+    if not data_file.exists():
+        data_file.write_text("".join(json.dumps(row) + "\n" for row in make_rows(16, np.random.default_rng())))
+    config = {
+        "model": {"name": str(checkpoint), "max_seq_length": 48, "dtype": "float32"},
+        "lora": {"r": 8, "lora_alpha": 16, "use_gradient_checkpointing": False, "random_state": 7},
+        "data": {"path": str(data_file), "text_field": None, "template": TEMPLATE, "response_marker": "### Response:",
+                 "train_on_responses_only": True, "padding": "max_length"},
+        "training": {"output_dir": str(tmp_path / name), "max_steps": 4, "logging_steps": 1, "save_steps": 2,
+                     "learning_rate": 2e-3, "seed": 11, "plot_loss": False, **training},
+        "export": {"merged": True},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _logged_losses(output_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+def test_two_processes_train_like_one(tiny_checkpoints, tmp_path):
+    """The CLI on 2 processes x 2 devices (jax.distributed from JAX_* variables, gloo on the CPU):
+    the same losses as one device, one set of sharded checkpoints, and only process 0 logs and
+    exports (after gathering the arrays that span both processes)."""
+    from fastft_jax.train import main
+
+    checkpoint = tiny_checkpoints["llama"]
+    config = _run_yaml(tmp_path, checkpoint, "two", {"mesh": {"data": 2, "fsdp": 2}, "per_device_train_batch_size": 1})
+    port = _free_port()
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": str(ROOT), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(index)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "fastft_jax.train", "--config", str(config)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "fastft_jax: done" in outputs[0] and "fastft_jax: done" not in outputs[1]
+    assert "step=1" in outputs[0] and "step=1" not in outputs[1]
+    two = tmp_path / "two"
+    assert (two / "checkpoint-2" / "trainer_state.json").exists() and (two / "checkpoint-4").exists()
+    assert (two / "merged_model" / "config.json").exists() and (two / "lora_model" / "adapter_config.json").exists()
+
+    one = _run_yaml(tmp_path, checkpoint, "one", {"per_device_train_batch_size": 4})
+    assert main(["--config", str(one)]) == 0
+    assert _relative(_logged_losses(two), _logged_losses(tmp_path / "one")) <= 1e-5
+
+
 # -- 4 virtual devices, one subprocess ---------------------------------------------------------------
 
 
