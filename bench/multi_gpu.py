@@ -37,7 +37,6 @@ Output: a table at the end, $OUT/multi_gpu.json (rewritten after every row), $OU
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -48,7 +47,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
@@ -114,15 +112,14 @@ def sharded_random_params(config, mesh, seed: int, dtype):
     from jax.sharding import NamedSharding
 
     from convert.hf import tensor_specs
-    from fastft_jax.sharding import partition_spec
+    from fastft_jax.sharding import leaf_sharding
 
-    fsdp = mesh.shape["fsdp"]
     key = jax.random.PRNGKey(seed)
     tree: dict = {}
     for index, spec in enumerate(tensor_specs(config)):
         name = "/".join(spec.path)
         shape = ((config.num_layers,) if spec.stacked else ()) + spec.shape
-        sharding = NamedSharding(mesh, partition_spec(name, shape, fsdp))
+        sharding = leaf_sharding(name, shape, mesh)
         leaf_key = jax.random.fold_in(key, index)
 
         def draw(draw_key, part_shape, spec=spec):
@@ -176,7 +173,7 @@ def model_has_layer_hint() -> bool:
 
     import fastft_jax.model as model_module
 
-    return "batch_local" in inspect.getsource(model_module) or "gather_weights" in inspect.getsource(model_module)
+    return "batch_local" in inspect.getsource(model_module)
 
 
 def memory_by_device() -> list[dict]:

@@ -25,8 +25,6 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-Array = jax.Array
-
 from convert.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
@@ -153,12 +151,16 @@ def partition_spec(name: str, shape: Sequence[int], fsdp_size: int) -> Partition
     return PartitionSpec()
 
 
+def leaf_sharding(name: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """Where PARTITION_RULES put one leaf: e.g. for a loader placing each weight as it is read
+    (jax.make_array_from_callback copies each device only its slice)."""
+    return NamedSharding(mesh, partition_spec(name, shape, mesh.shape["fsdp"]))
+
+
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
     """A NamedSharding per leaf of a parameter tree (base weights or LoRA adapters)."""
-    fsdp_size = mesh.shape["fsdp"]
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, partition_spec(path_name(path), np.shape(leaf), fsdp_size)), tree
-    )
+        lambda path, leaf: leaf_sharding(path_name(path), np.shape(leaf), mesh), tree)
 
 
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: Any, shardings: Any, mesh: Mesh) -> Any:
@@ -181,7 +183,7 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), BATCH_AXES))
 
 
-# -- hints inside the model ------------------------------------------------------------------------
+# -- per-device computation ------------------------------------------------------------------------
 def _context_mesh() -> Any:
     """The mesh jax.set_mesh put in context (the trainer traces its steps under it), if it is ours
     and we are not already inside a shard_map over it."""
@@ -196,29 +198,6 @@ def data_parallel_only() -> bool:
     holds every weight, so whole computations can run per device under batch_local."""
     mesh = _context_mesh()
     return mesh is not None and mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1
-
-
-def shard_activations(activations: Array) -> Array:
-    """Constrain activations [batch, ...] to rows split over the batch axes. Without it XLA may
-    instead keep a weight sharded and gather the whole batch's activations onto every device."""
-    mesh = _context_mesh()
-    if mesh is None:
-        return activations
-    shards = int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
-    if shards == 1 or activations.shape[0] % shards:
-        return activations
-    return jax.lax.with_sharding_constraint(activations, PartitionSpec(BATCH_AXES))
-
-
-def gather_weights(tree: Any) -> Any:
-    """One layer's weights (a slice of the stacked tree inside the layer scan), whole on every device:
-    FSDP's per-layer all-gather, placed where the layer runs so that at most a layer or two of
-    gathered weights is alive at a time. Quantized leaves are gathered as they are (codes), and
-    dequantized locally after."""
-    mesh = _context_mesh()
-    if mesh is None or mesh.shape["fsdp"] == 1:
-        return tree
-    return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, PartitionSpec()), tree)
 
 
 def batch_local(fn: Callable[..., Any], batched: Sequence[bool], *, sum_output: bool = False,
@@ -247,6 +226,8 @@ def batch_local(fn: Callable[..., Any], batched: Sequence[bool], *, sum_output: 
                 local = list(local)
                 local[rng_arg] = jax.random.fold_in(local[rng_arg], shard)
                 return fn(*local)
+        # check_vma=False: pallas_call has no varying-axes rule on every jax version. The transpose
+        # still sums the replicated arguments' cotangents over the devices (tests/test_sharding.py).
         if sum_output:
             # Each device's partial sum becomes one row of a [shards] vector; summing it outside
             # the shard_map leaves the reduction to XLA.

@@ -2,10 +2,11 @@
 
 The multi-device scenarios run in ONE subprocess started with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before jax starts, and
-the rest of the suite stays single-device): `python -m tests.test_sharding CHECKPOINT OUT_JSON`.
-It trains the same 10 steps on one device, on data=2 x fsdp=2 and on fsdp=4, resumes the fsdp=4
-run's step-5 checkpoint on 1 and on 2 devices, exports from the sharded model, and tries bad
-meshes; the tests below read its JSON.
+the rest of the suite stays single-device): `python -m tests.test_sharding CHECKPOINT OUT_DIR`.
+It trains the same 10 steps on one device, on data=2 x fsdp=2, on fsdp=4 and on data=4, resumes
+the fsdp=4 run's step-5 checkpoint on 1 and on 2 devices, exports from the sharded model, trains
+NF4 weights sharded, runs one decoder layer per device, and tries bad meshes; the tests below
+read its OUT_DIR/result.json. A second test runs the CLI as two processes (jax.distributed).
 """
 
 from __future__ import annotations
@@ -268,7 +269,6 @@ def _run_scenarios(checkpoint: Path, out: Path) -> dict:
     import jax
     from safetensors.numpy import load_file
 
-    from fastft_jax import sharding
     from fastft_jax.sharding import path_name
     from tests.test_trainer import build, data_config, losses, make_rows
 
@@ -276,7 +276,8 @@ def _run_scenarios(checkpoint: Path, out: Path) -> dict:
     rows = make_rows(24, np.random.default_rng())
     # 6 eval rows: on 4 devices the eval batch is padded to 8 with empty rows.
     data = data_config(padding="max_length", max_seq_length=48, eval_fraction=0.25)
-    common = dict(max_steps=STEPS, learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, data=data)
+    common = dict(max_steps=STEPS, learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, gradient_accumulation_steps=2,
+                  data=data)
     result: dict = {"losses": {}, "eval_loss": {}}
     models = {}
     # The global batch is per_device_train_batch_size x devices: 4 rows in every run.
