@@ -28,9 +28,10 @@ measured in the same run (bench/e2e.py's FLOP count).
 
 Output: a table at the end, $OUT/multi_gpu.json (rewritten after every row), $OUT/multi_gpu.log.
 
-    python3 bench/multi_gpu.py                       # 8b x {1 GPU, data=2, fsdp=2}, 48b fsdp=2
+    python3 bench/multi_gpu.py                       # every row (may take longer than 10 min)
+    python3 bench/multi_gpu.py --rows 8b-1,8b-data,8b-fsdp    # the same in two shorter calls
+    python3 bench/multi_gpu.py --rows big-fsdp
     python3 bench/multi_gpu.py --rows 8b-1,8b-data --batch 4
-    python3 bench/multi_gpu.py --rows big-fsdp --big-layers auto
     python3 bench/multi_gpu.py --smoke               # CPU, 2 virtual devices, tiny shapes, < 90 s
 """
 
@@ -352,16 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="8b-1,8b-data,8b-fsdp,big-fsdp", help=f"of {', '.join(ROWS)}")
     parser.add_argument("--batch", type=int, default=2, help="per-device batch (rows) of the 8b rows")
-    parser.add_argument("--big-batch", type=int, default=1, help="per-device batch of the big row")
+    parser.add_argument("--big-batch", type=int, default=2, help="per-device batch of the big row")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--checkpointing", default=None, choices=sorted(E2E.CHECKPOINTING),
                         help="override every row's (8b: unsloth, big: full)")
     parser.add_argument("--big-layers", default="auto", help="layers of the big model, or auto (exceed one GPU by 15%%)")
     parser.add_argument("--layer-hint", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--matmul-size", type=int, default=8192)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per row")
+    parser.add_argument("--timeout", type=float, default=540, help="seconds per row")
     parser.add_argument("--smoke", action="store_true", help="CPU, 2 virtual devices, tiny shapes")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -7,8 +7,9 @@ The mesh has two axes:
     optimiser state are split over it by PARTITION_RULES; batch rows are split over it too.
 Both axes consume batch rows, so every device trains per_device_train_batch_size rows (HF's
 meaning) and the step's global batch is that times the device count. All communication (the
-gradient reduction over the batch axes, gathering a layer's sharded weights before its matmuls) is
-inserted by XLA's SPMD partitioner from the shardings given to jit; nothing here sends a byte.
+gradient reduction over the batch axes, gathering sharded weights where they are used) is inserted
+by XLA's SPMD partitioner, from the shardings given to jit and at the edges of the shard_maps that
+batch_local builds; nothing here sends a byte.
 
 Several hosts run one process each (`initialize_distributed` below); every process builds the same
 global batch from the same seed and places only the rows its devices hold.
