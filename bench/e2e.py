@@ -338,11 +338,9 @@ def run_config(spec: dict, result: dict) -> None:
     start = time.perf_counter()
     compiled = lowered.compile()
     result["compile_s"] = round(time.perf_counter() - start, 2)
-    analysis = compiled.memory_analysis()
-    result["compiled_memory_gib"] = {
-        name.removesuffix("_size_in_bytes"): round(getattr(analysis, name) / 2**30, 3)
-        for name in dir(analysis) if name.endswith("_size_in_bytes")
-    } if analysis is not None else None
+    from bench.timing import compiled_memory_gib
+
+    result["compiled_memory_gib"] = compiled_memory_gib(compiled)
     result["memory_after_compile_gib"] = memory_gib()  # XLA's autotuning allocates on the device too
     print(f"compiled: lower {result['lower_s']} s, compile {result['compile_s']} s", flush=True)
 

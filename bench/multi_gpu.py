@@ -270,11 +270,9 @@ def run_row(spec: dict, result: dict) -> None:
         start = time.perf_counter()
         compiled = lowered.compile()
         result["compile_s"] = round(time.perf_counter() - start, 2)
-    analysis = compiled.memory_analysis()
-    result["compiled_memory_gib"] = {
-        name.removesuffix("_size_in_bytes"): round(getattr(analysis, name) / 2**30, 3)
-        for name in dir(analysis) if name.endswith("_size_in_bytes")
-    } if analysis is not None else None
+    from bench.timing import compiled_memory_gib
+
+    result["compiled_memory_gib"] = compiled_memory_gib(compiled)
     hlo = compiled.as_text()
     result["collectives"] = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
                              for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")}

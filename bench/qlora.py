@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -58,16 +57,12 @@ TARGET_TOKENS_PER_S = 9280.0
 TARGET_COPY_FRACTION = 0.80
 
 
-def _median_seconds(fn, *args, iters: int) -> float:
-    import jax
 
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+
+def _median_seconds(fn, *args, iters: int) -> float:
+    from bench.timing import time_ms
+
+    return time_ms(fn, *args, warmup=1, iters=iters) / 1e3
 
 
 def copy_bandwidth(gib: float, iters: int) -> float:

@@ -36,3 +36,12 @@ def relative_error(actual, expected) -> float:
     if not np.all(np.isfinite(actual)):
         return float("nan")
     return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+
+
+def compiled_memory_gib(compiled) -> dict[str, float] | None:
+    """XLA's memory analysis of a compiled program (argument, output, temp, ... sizes) in GiB."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return {name.removesuffix("_size_in_bytes"): round(getattr(analysis, name) / 2**30, 3)
+            for name in dir(analysis) if name.endswith("_size_in_bytes")}
