@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import triton as pltriton
 
 
 def use_interpret() -> bool:
@@ -17,3 +18,17 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def masked_load(ref, rows, cols, row_valid, col_valid):
+    """ref[rows, cols] of a 2-D block, reading zeros where a validity mask (rows or columns) is False;
+    a None mask means that whole axis is in bounds."""
+    if row_valid is None and col_valid is None:
+        return ref[rows, cols]
+    if row_valid is None:
+        mask = col_valid[None, :]
+    elif col_valid is None:
+        mask = row_valid[:, None]
+    else:
+        mask = row_valid[:, None] & col_valid[None, :]
+    return pltriton.load(ref.at[rows, cols], mask=mask, other=0)

@@ -11,7 +11,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float
 
-from pallas_kernels._common import cdiv, next_power_of_2, use_interpret
+from pallas_kernels._common import cdiv, masked_load, next_power_of_2, use_interpret
 
 
 def lora_linear_reference(
@@ -64,17 +64,6 @@ def _choose_blocks(m: int, n: int, k: int, dtype) -> MatmulBlocks:
     return MatmulBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
 
 
-def _load(ref, rows, cols, row_valid, col_valid):
-    """ref[rows, cols], reading zeros where a mask is given and False."""
-    if row_valid is None and col_valid is None:
-        return ref[rows, cols]
-    if row_valid is None:
-        mask = col_valid[None, :]
-    elif col_valid is None:
-        mask = row_valid[:, None]
-    else:
-        mask = row_valid[:, None] & col_valid[None, :]
-    return pltriton.load(ref.at[rows, cols], mask=mask, other=0)
 
 
 def _fused_matmul_kernel(
@@ -99,20 +88,20 @@ def _fused_matmul_kernel(
     def accumulate(k_block, acc):
         ks = pl.ds(pl.multiple_of(k_block * bk, bk), bk)
         k_valid = None if k % bk == 0 else k_block * bk + jnp.arange(bk) < k
-        lhs = _load(lhs_ref, rows, ks, row_valid, k_valid)
+        lhs = masked_load(lhs_ref, rows, ks, row_valid, k_valid)
         if rhs_transposed:
-            rhs = _load(rhs_ref, cols, ks, col_valid, k_valid).astype(lhs.dtype)
+            rhs = masked_load(rhs_ref, cols, ks, col_valid, k_valid).astype(lhs.dtype)
             contract = ((1,), (1,))
         else:
-            rhs = _load(rhs_ref, ks, cols, k_valid, col_valid).astype(lhs.dtype)
+            rhs = masked_load(rhs_ref, ks, cols, k_valid, col_valid).astype(lhs.dtype)
             contract = ((1,), (0,))
         return acc + jax.lax.dot_general(
             lhs, rhs, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
 
     acc = jax.lax.fori_loop(0, cdiv(k, bk), accumulate, jnp.zeros((bm, bn), jnp.float32))
-    low_lhs = _load(low_lhs_ref, rows, pl.ds(0, rank_pad), row_valid, None)
-    low_rhs = _load(low_rhs_ref, pl.ds(0, rank_pad), cols, None, col_valid).astype(low_lhs.dtype)
+    low_lhs = masked_load(low_lhs_ref, rows, pl.ds(0, rank_pad), row_valid, None)
+    low_rhs = masked_load(low_rhs_ref, pl.ds(0, rank_pad), cols, None, col_valid).astype(low_lhs.dtype)
     acc = acc + scale * jnp.dot(low_lhs, low_rhs, precision=precision, preferred_element_type=jnp.float32)
     out = acc.astype(out_ref.dtype)
     if row_valid is None and col_valid is None:

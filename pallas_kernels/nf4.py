@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, UInt8
 
-from pallas_kernels._common import cdiv, next_power_of_2, use_interpret
+from pallas_kernels._common import cdiv, masked_load, next_power_of_2, use_interpret
 
 
 def _check(code_book: Sequence[float], blocksize: int) -> tuple[float, ...]:
@@ -201,28 +201,17 @@ def _dequant_matmul_kernel(
     scales_per_tile = bk // blocksize
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
-    def load(ref, rows, columns, row_valid, col_valid):
-        if row_valid is None and col_valid is None:
-            return ref[rows, columns]
-        if row_valid is None:
-            mask = col_valid[None, :]
-        elif col_valid is None:
-            mask = row_valid[:, None]
-        else:
-            mask = row_valid[:, None] & col_valid[None, :]
-        return pltriton.load(ref.at[rows, columns], mask=mask, other=0)
-
     def accumulate(k_block, acc):
         k_start = k_block * bk
         k_valid = None if k % bk == 0 else k_start + jnp.arange(bk) < k
         byte_valid = None if k % bk == 0 else k_start // 2 + jnp.arange(bk // 2) < k // 2
         scale_valid = None if k % bk == 0 else k_start // blocksize + jnp.arange(scales_per_tile) < k // blocksize
-        packed = load(codes_ref, cols, pl.ds(pl.multiple_of(k_start // 2, bk // 2), bk // 2), n_valid, byte_valid)
-        absmax = load(absmax_ref, cols, pl.ds(pl.multiple_of(k_start // blocksize, scales_per_tile), scales_per_tile),
+        packed = masked_load(codes_ref, cols, pl.ds(pl.multiple_of(k_start // 2, bk // 2), bk // 2), n_valid, byte_valid)
+        absmax = masked_load(absmax_ref, cols, pl.ds(pl.multiple_of(k_start // blocksize, scales_per_tile), scales_per_tile),
                       n_valid, scale_valid)
         scale = jnp.broadcast_to(absmax[:, :, None], (bn, scales_per_tile, blocksize)).reshape(bn, bk)
         weight = (_unpack(packed, code_book) * scale).astype(x_ref.dtype)
-        x = load(x_ref, pl.ds(0, block_m), pl.ds(pl.multiple_of(k_start, bk), bk), m_valid, k_valid)
+        x = masked_load(x_ref, pl.ds(0, block_m), pl.ds(pl.multiple_of(k_start, bk), bk), m_valid, k_valid)
         return acc + jax.lax.dot_general(
             x, weight, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
