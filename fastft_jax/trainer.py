@@ -374,11 +374,11 @@ class SFTTrainer:
             self.total_steps = self.args.max_steps
         else:
             self.total_steps = max(1, math.ceil(self.args.num_train_epochs * micro_per_epoch / accumulation))
+        self.schedule = learning_rate_schedule(self.args, self.total_steps)
         self.optimizer = optax.adamw(
-            learning_rate_schedule(self.args, self.total_steps), b1=self.args.adam_beta1, b2=self.args.adam_beta2,
+            self.schedule, b1=self.args.adam_beta1, b2=self.args.adam_beta2,
             eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay,
         )
-        self.schedule = learning_rate_schedule(self.args, self.total_steps)
         self.log_history: list[dict] = []
         self._place_model()
         self._train_step = self._build_train_step()
@@ -522,9 +522,8 @@ class SFTTrainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}")
                 if step % logging_every == 0 or step == self.total_steps:
-                    record = self._log(step, window, metrics, trained_tokens_total, metrics_path, progress)
+                    self._log(step, window, metrics, trained_tokens_total, metrics_path, progress)
                     window = _LogWindow()
-                    del record
                 if eval_every and step % eval_every == 0 and self.eval_batches is not None:
                     self.model.set_lora_params(lora)
                     self._record({"step": step, **self.evaluate()}, metrics_path, progress)

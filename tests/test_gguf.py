@@ -25,6 +25,7 @@ from convert.gguf import convert_to_gguf, main as gguf_main
 from convert.safetensors_io import CheckpointReader
 from convert.tiny import write_tiny_checkpoint
 from fastft_jax import FastLanguageModel, export
+from tests.test_export import random_lora
 
 FLOAT32_TOLERANCE = 1e-5
 ARCHS = {"llama": False, "qwen2": True, "qwen3": False}  # arch -> tied embeddings
@@ -70,9 +71,7 @@ def merged(tmp_path_factory):
         base_dir = write_tiny_checkpoint(root / arch, arch=arch, seed=seed, tie_word_embeddings=tied)
         model, tokenizer = FastLanguageModel.from_pretrained(base_dir, dtype="float32")
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=seed)
-        model.set_lora_params(jax.tree.map(
-            lambda leaf: jnp.asarray(rng.normal(0.0, 0.2, leaf.shape).astype(np.float32)), model.lora_params()
-        ))
+        random_lora(model, rng)
         out[arch] = (model, tokenizer, export.save_pretrained_merged(model, root / f"{arch}-merged", tokenizer))
     return out
 
