@@ -114,7 +114,7 @@ DEFAULT_BATCH = {"qwen2.5-1.5b": 4, "qwen2.5-7b": 2, "llama3-8b": 2, "tiny": 2, 
 # peer_bench's offline tokenizer puts its special tokens at ids 0, 1, 2.
 EOS_ID, BOS_ID, PAD_ID = 0, 1, 2
 LORA_RANK, LORA_ALPHA, LEARNING_RATE = 16, 16.0, 2e-4
-CHECKPOINTING = {"none": False, "full": True, "unsloth": "unsloth"}
+CHECKPOINTING = {"none": False, "full": True, "unsloth": "unsloth", "selective": "selective"}
 KERNEL_PRESETS = ("auto", "reference", "pallas")
 ATTENTION_CHOICES = ("preset", "auto", "cudnn", "pallas", "xla", "reference")
 PEER_NAMES = {"hf_peft": "HF+PEFT", "liger": "Liger", "unsloth": "Unsloth", "unsloth4": "Unsloth 4-bit",

@@ -169,7 +169,8 @@ class FastLanguageModel:
             raise NotImplementedError("loftq_config is not supported; pass loftq_config=None")
         if use_gradient_checkpointing not in CHECKPOINT_MODES:
             raise ConfigError(
-                f"use_gradient_checkpointing={use_gradient_checkpointing!r}; use False, True or \"unsloth\""
+                f"use_gradient_checkpointing={use_gradient_checkpointing!r}; use False, True, \"unsloth\" "
+                "(layer inputs offloaded to host) or \"selective\" (matmul outputs kept, the rest recomputed)"
             )
         if not isinstance(model, CausalLM):
             raise ConfigError("get_peft_model expects the model returned by FastLanguageModel.from_pretrained")

@@ -27,7 +27,11 @@ from fastft_jax.lora import LoRAConfig
 
 # The name under which the "unsloth" checkpointing mode offloads each layer's input to host memory.
 LAYER_INPUT = "layer_input"
-CHECKPOINT_MODES = (False, True, "unsloth")
+# The name of the matmul outputs the backward needs (every projection but down_proj) and of
+# attention's output: what the "selective" checkpointing mode keeps, so that the backward recomputes
+# only norms, RoPE, SwiGLU and the rank-r x·A products, never a full matmul.
+MATMUL_OUTPUT = "matmul_output"
+CHECKPOINT_MODES = (False, True, "unsloth", "selective")
 
 
 class BaseWeight(nnx.Variable):
@@ -61,7 +65,8 @@ def _project(
         )
     if "bias" in weights:
         out = out + weights["bias"].astype(out.dtype)
-    return out
+    # down_proj's output only feeds the residual add, whose backward needs neither operand.
+    return out if name == "down_proj" else checkpoint_name(out, MATMUL_OUTPUT)
 
 
 def attention_qkv(
@@ -124,7 +129,7 @@ def decoder_layer(
 ) -> Float[Array, "batch seq hidden"]:
     hidden = checkpoint_name(hidden, LAYER_INPUT)
     q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, lora_config, ops_config, dropout_rng)
-    attn = ops.attention(q, k, v, segment_ids, ops_config)
+    attn = checkpoint_name(ops.attention(q, k, v, segment_ids, ops_config), MATMUL_OUTPUT)
     return attention_out_mlp(hidden, attn, layer, layer_lora, config, lora_config, ops_config, dropout_rng)
 
 
@@ -133,6 +138,8 @@ def embed_tokens(params: dict, input_ids: Int[Array, "batch seq"], compute_dtype
 
 
 def _checkpoint_policy(mode):
+    if mode == "selective":
+        return jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT)
     if mode == "unsloth":
         if not has_pinned_host():
             warnings.warn(

@@ -183,7 +183,7 @@ def test_checkpointing_modes_give_the_same_loss_and_grads(tiny_checkpoints, tmp_
     _nonzero_b(model)
     step_inputs = stack_micro_batches(trainer.micro_batches_for_step(0))
     loss_ref, grads_ref = _loss_and_grads(model, step_inputs, False, False)
-    for mode in (True, "unsloth"):
+    for mode in (True, "unsloth", "selective"):
         with pytest.warns(UserWarning, match="pinned") if mode == "unsloth" and not _has_pinned_host() else _no_warning():
             loss, grads = _loss_and_grads(model, step_inputs, False, mode)
         assert relative_error(loss, loss_ref) <= 1e-5
