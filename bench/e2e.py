@@ -367,11 +367,18 @@ def run_config(spec: dict, result: dict) -> None:
         loss_last=round(losses[-1], 5),
     )
     if spec.get("profile_dir"):
-        with jax.profiler.trace(spec["profile_dir"]):
+        with jax.profiler.trace(spec["profile_dir"], create_perfetto_trace=True):
             for step in range(2):
                 lora, opt_state, metrics = compiled(lora, opt_state, base, step_inputs[-1], jnp.int32(step), seed_key)
             jax.block_until_ready((lora, opt_state, metrics))
         result["profile_dir"] = spec["profile_dir"]
+        try:  # the per-op-class split of the two traced steps (bench/profile_summary.py)
+            from bench.profile_summary import print_summary, summarise
+
+            result["profile"] = summarise(Path(spec["profile_dir"]))
+            print_summary(result["profile"], f"{spec['model']} {spec.get('checkpointing')} (2 steps)")
+        except Exception as error:  # a trace the parser cannot read must not lose the row
+            result["profile_error"] = f"{type(error).__name__}: {error}"[:400]
 
     del lora, opt_state, metrics, base, model, trainer, train_step, compiled, lowered, step_inputs
     gc.collect()
@@ -717,23 +724,33 @@ def table_rows(summary: dict) -> tuple[list[list[str]], float | None]:
             flops = flops_per_token(row["model"], (row["seq"] + 1) / 2)["model"] if row.get("model") in SHAPES else None
             mfu = percent(flops * rate / 1e12, peak) if rate and flops else None
             compile_s, note = warmup_overhead, "" if row.get("ok") else row.get("error", "")
+            step_gib = None
         else:
             name = f"fastft-jax {row.get('label')}"
             peak_gib = (row.get("memory_gib") or {}).get("peak_bytes_in_use")
+            step_gib = compiled_step_gib(row.get("compiled_memory_gib"))
             compile_s = (row["lower_s"] + row["compile_s"]) if "compile_s" in row else None
             mfu, note = row.get("mfu_pct"), "" if row.get("ok") else row.get("error", "")
             if row.get("ok") and row.get("weights") == "random":
                 note = "random weights on device"
         note = " ".join(str(note).split())[:120].replace("|", "/")
-        cells.append([name, _fmt(rate, ",.0f"), _fmt(peak_gib, ".2f"), _fmt(compile_s, ".1f"), _fmt(mfu, ".1f"),
+        cells.append([name, _fmt(rate, ",.0f"), _fmt(peak_gib, ".2f"), _fmt(step_gib, ".2f"), _fmt(compile_s, ".1f"), _fmt(mfu, ".1f"),
                       _fmt(ratio, ".2f") + ("×" if ratio else ""), note])
     return cells, peak
 
 
+def compiled_step_gib(analysis: dict | None) -> float | None:
+    """Device memory the compiled step needs: its arguments (weights, adapters, optimiser state,
+    batch), outputs and temporaries, less the donated buffers its outputs reuse."""
+    if not analysis:
+        return None
+    return analysis["argument"] + analysis["output"] + analysis["temp"] - analysis["alias"]
+
+
 def markdown(summary: dict) -> str:
     cells, peak = table_rows(summary)
-    lines = ["| config | tok/s | peak GiB | compile s | MFU % | vs Unsloth | note |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| config | tok/s | peak GiB | step GiB | compile s | MFU % | vs Unsloth | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     env = summary["environment"]
     card = next((row.get("device_kind") for row in summary["rows"] if row.get("device_kind")), None)
@@ -755,7 +772,9 @@ def markdown(summary: dict) -> str:
         f"LoRA r={LORA_RANK}, alpha={int(LORA_ALPHA)} on q,k,v,o,gate,up,down; AdamW lr {LEARNING_RATE} (fastft-jax also "
         f"clips at 1.0, as its trainer does; the peers do not clip); random tokens; {args['steps']} timed steps after "
         f"{args['warmup']} (fastft-jax, plus the first) / {args['peer_warmup']} (peers) warm-up steps, median. "
-        f"Weights: {checkpoint_note}. Peak: jax peak_bytes_in_use / torch max_memory_allocated. "
+        f"Weights: {checkpoint_note}. Peak: jax peak_bytes_in_use / torch max_memory_allocated (jax's includes "
+        f"XLA's compile-time autotuning buffers). Step: what the compiled step needs on the device, arguments + "
+        f"outputs + temporaries - donated (XLA memory_analysis). "
         f"Compile: fastft-jax trace+lower+XLA compile; peers: first step minus a median step (torch.compile, "
         f"autotuning). MFU: (4N + 6N_lora + attention) FLOPs per token over the bf16 matmul peak measured in this "
         f"run ({_fmt(peak, '.3g')} TFLOP/s, bf16 jnp.dot {args['matmul_size']}³). vs Unsloth: tokens/s over Unsloth's, padded rows only.",

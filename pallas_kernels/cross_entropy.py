@@ -64,9 +64,11 @@ def fused_linear_cross_entropy_reference(
 IMPLS = ("chunked", "pallas")
 
 # Rows per chunk are chosen so that a chunk's [rows, vocab] float32 logits hold about this many
-# elements (1 GiB): 2048 rows at Llama-3's 128256 vocab, large enough for full-speed matmuls and
-# few enough chunks that re-reading the float32 dw accumulator costs little.
-_CHUNK_ELEMENTS = 1 << 28
+# elements (256 MiB): 512 rows at Llama-3's 128256 vocab. The loss head's transient memory is a few
+# times this, and it sets the step's peak once the layers' activations are offloaded (1 GiB chunks
+# put llama3-8b at 18.5 GiB where Unsloth needs 16.7; XLA's GEMM autotuner also allocates one chunk's
+# operands at compile time). 512 rows still keep the [512, d] x [d, vocab] matmuls at full speed.
+_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
