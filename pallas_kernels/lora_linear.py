@@ -137,6 +137,25 @@ def _fused_matmul(lhs, rhs, low_lhs, low_rhs, scale: float, *, rhs_transposed: b
     )(lhs, rhs, low_lhs, low_rhs)
 
 
+def base_plus_low_rank(
+    lhs: Float[Array, "m k"], rhs: Float[Array, "k n"], low_lhs: Float[Array, "m r"], low_rhs: Float[Array, "r n"],
+    scale: float,
+) -> Float[Array, "m n"]:
+    """lhs @ rhs + scale * low_lhs @ low_rhs in lhs.dtype, as cuBLAS calls (impl="xla").
+
+    In float32 both products are float32 and summed once. In 16-bit the big product is written
+    directly in 16-bit (cuBLAS still accumulates in float32) and the rank-r term, rounded to 16-bit,
+    is its addend, which XLA folds into the GEMM epilogue (C with beta = 1): the [m, n] output then
+    crosses memory once, in 16-bit. Two float32 [m, n] products added and rounded by a separate pass
+    moved three times those bytes, and held two float32 [m, n] buffers at the step's peak. This is
+    also PEFT's rounding: base_layer(x) in 16-bit plus the adapter's 16-bit output."""
+    dtype = lhs.dtype
+    low = scale * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)
+    if dtype == jnp.float32:
+        return jnp.dot(lhs, rhs, preferred_element_type=jnp.float32) + low
+    return jnp.dot(lhs, rhs, preferred_element_type=dtype) + low.astype(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # custom_vjp wiring.
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +171,7 @@ def _forward(x2d, w, a, b, scale: float, impl: str, blocks: MatmulBlocks | None)
     if impl == "pallas":
         out = _fused_matmul(x2d, w, x_a, b.astype(x2d.dtype), scale, rhs_transposed=False, blocks=blocks)
     else:
-        base = jnp.dot(x2d, w.astype(x2d.dtype), preferred_element_type=jnp.float32)
-        lora = jnp.dot(x_a, b.astype(x2d.dtype), preferred_element_type=jnp.float32)
-        out = (base + scale * lora).astype(x2d.dtype)
+        out = base_plus_low_rank(x2d, w.astype(x2d.dtype), x_a, b.astype(x2d.dtype), scale)
     return out, x_a
 
 
@@ -189,10 +206,7 @@ def _lora_linear_2d_bwd(scale, impl, blocks, saved, g):
     if impl == "pallas":
         dx = _fused_matmul(g, w, d_x_a, a_t, 1.0, rhs_transposed=True, blocks=blocks)
     else:
-        dx = (
-            jnp.dot(g, w.astype(dtype).T, preferred_element_type=jnp.float32)
-            + jnp.dot(d_x_a, a_t, preferred_element_type=jnp.float32)
-        ).astype(dtype)
+        dx = base_plus_low_rank(g, w.astype(dtype).T, d_x_a, a_t, 1.0)
     return dx, None, da.astype(a.dtype), db.astype(b.dtype)
 
 
