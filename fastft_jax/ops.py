@@ -257,8 +257,11 @@ def quantized_linear(
 def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
     dtype = x2d.dtype
-    base = _quantized_base(x2d, kernel, cfg)
     x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
+        out = lora_linear_kernels.base_plus_low_rank(x2d, dequantize(kernel, dtype, cfg), x_a, b.astype(dtype), scale)
+        return out, x_a
+    base = _quantized_base(x2d, kernel, cfg)
     lora = jnp.dot(x_a, b.astype(dtype), preferred_element_type=jnp.float32)
     return (base + scale * lora).astype(dtype), x_a
 
@@ -267,7 +270,9 @@ def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
 # x after LoRA dropout) and xa = x' a:
 #   db = s xa^T g,   d(xa) = s g b^T,   da = x'^T d(xa),   dx = g W^T,   dx' = d(xa) a^T
 # (dx + dx' when x' is x). W is dequantized again for g W^T instead of being saved by the forward.
-def _quantized_lora_grads(scale, cfg, saved, g):
+def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
+    """(dx, dx', da, db); with separate_dx_lora False, dx already holds dx + dx' (one GEMM with
+    the rank-r term as its addend) and dx' is None."""
     x_lora2d, x_a, kernel, a, b = saved
     dtype = x_a.dtype
     g = g.astype(dtype)
@@ -275,8 +280,12 @@ def _quantized_lora_grads(scale, cfg, saved, g):
     db = scale * jax.lax.dot_general(x_a, g, contract_rows, preferred_element_type=jnp.float32)
     d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
-    dx = jnp.dot(g, dequantize(kernel, dtype, cfg).T, preferred_element_type=jnp.float32)
-    dx_lora = jnp.dot(d_x_a, a.astype(dtype).T, preferred_element_type=jnp.float32)
+    weight_t = dequantize(kernel, dtype, cfg).T
+    if not separate_dx_lora:
+        dx = lora_linear_kernels.base_plus_low_rank(g, weight_t, d_x_a, a.astype(dtype).T, 1.0)
+        return dx, None, da.astype(a.dtype), db.astype(b.dtype)
+    dx = jnp.dot(g, weight_t, preferred_element_type=dtype)
+    dx_lora = jnp.dot(d_x_a, a.astype(dtype).T, preferred_element_type=dtype)
     return dx, dx_lora, da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -291,8 +300,8 @@ def _quantized_lora_2d_fwd(x2d, kernel, a, b, scale, cfg):
 
 
 def _quantized_lora_2d_bwd(scale, cfg, saved, g):
-    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g)
-    return (dx + dx_lora).astype(saved[0].dtype), None, da, db
+    dx, _, da, db = _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora=False)
+    return dx.astype(saved[0].dtype), None, da, db
 
 
 _quantized_lora_2d.defvjp(_quantized_lora_2d_fwd, _quantized_lora_2d_bwd)
@@ -309,7 +318,7 @@ def _quantized_lora_dropout_2d_fwd(x2d, x_lora2d, kernel, a, b, scale, cfg):
 
 
 def _quantized_lora_dropout_2d_bwd(scale, cfg, saved, g):
-    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g)
+    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora=True)
     dtype = saved[0].dtype
     return dx.astype(dtype), dx_lora.astype(dtype), None, da, db
 
