@@ -112,8 +112,26 @@ def attention_out_mlp(
     )
     hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
     normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
-    mlp = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
-    return hidden + project("down_proj", mlp)
+    # Tiled over the sequence (fastft_jax/tiling.py), the MLP never holds [tokens, intermediate]
+    # for the whole batch. Its weights go in as an argument, so that their gradients sum over tiles.
+    from fastft_jax import tiling
+
+    mlp_names = ("gate_proj", "up_proj", "down_proj")
+    mlp_weights = (
+        {name: layer[name] for name in mlp_names},
+        {name: adapter for name, adapter in (layer_lora or {}).items() if name in mlp_names},
+    )
+
+    def mlp(weights, normed, mlp_rng):
+        mlp_project = functools.partial(
+            _project, layer=weights[0], layer_lora=weights[1], lora_config=lora_config, ops_config=ops_config,
+            dropout_rng=mlp_rng,
+        )
+        gated = ops.swiglu(mlp_project("gate_proj", normed), mlp_project("up_proj", normed), ops_config)
+        return mlp_project("down_proj", gated)
+
+    tile_tokens = tiling.mlp_tile_for(batch * seq, config.intermediate_size, normed.dtype, ops_config)
+    return hidden + tiling.tiled_mlp(mlp, mlp_weights, normed, tile_tokens, dropout_rng)
 
 
 def decoder_layer(

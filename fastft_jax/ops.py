@@ -79,6 +79,10 @@ class OpsConfig:
     dequant: str = "auto"
     # Tokens per chunk of the reference loss head, which bounds its [chunk, vocab] logits.
     loss_chunk_tokens: int = 4096
+    # Tokens per tile of the decoder's MLP (fastft_jax/tiling.py), which bounds its [tile, intermediate]
+    # activations in the forward and the backward: 0 runs the MLP untiled; "auto" tiles only a batch
+    # whose [tokens, intermediate] activation would pass tiling.AUTO_START_BYTES.
+    mlp_tile_tokens: int | str = 0
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -93,6 +97,12 @@ class OpsConfig:
             allowed = {"attention": ATTENTION_MODES, "lora_linear": LORA_LINEAR_MODES}.get(name, MODES)
             if value not in allowed:
                 raise ConfigError(f"kernels.{name}={value!r} is not one of {', '.join(allowed)}")
+        tile = self.mlp_tile_tokens
+        if tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+            raise ConfigError(
+                f"kernels.mlp_tile_tokens={tile!r}: use a positive number of tokens per MLP tile, 0 for no "
+                'tiling, or "auto"'
+            )
         return self
 
     def resolve(self, op: str) -> str:
