@@ -838,7 +838,8 @@ def _extras(text: str) -> list[str]:
 
 def _ops(text: str) -> dict[str, str]:
     pairs = dict(item.split("=", 1) for item in _list(text))
-    return {key.strip(): value.strip() for key, value in pairs.items()}
+    # Numbers (mlp_tile_tokens=2048, loss_chunk_tokens=...) go to OpsConfig as ints.
+    return {key.strip(): int(value) if value.strip().isdigit() else value.strip() for key, value in pairs.items()}
 
 
 def parse_args(argv=None):

@@ -247,11 +247,18 @@ def run_step(spec: dict) -> dict:
     return result
 
 
+def e2e_ops(text: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import e2e
+
+    return e2e._ops(text)
+
+
 def step_spec(args, checkpointing: str) -> dict:
     return {
         "label": f"qlora {args.model} {checkpointing}", "model": args.model, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "warmup": args.warmup, "checkpointing": checkpointing, "kernels": "auto",
-        "attention": "preset", "ops": {}, "rows": "padded", "segments": 1, "weights": "random", "seed": 0,
+        "attention": "preset", "ops": args.ops, "rows": "padded", "segments": 1, "weights": "random", "seed": 0,
         "matmul_size": args.matmul_size,
     }
 
@@ -319,6 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--step-timeout", type=float, default=300.0)
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--ops", type=e2e_ops, default={}, help="per-op overrides of the step, e.g. mlp_tile_tokens=2048")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, interpret-mode kernels")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/fastft_qlora"))
     parser.add_argument("--_child", dest="child", nargs=2, default=None, help=argparse.SUPPRESS)
