@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from convert.hf import PROJECTIONS, ModelConfig
 from convert.quant import is_quantized
-from fastft_jax import ops
+from fastft_jax import ops, tiling
 from fastft_jax.lora import LoRAConfig
 
 # The name under which the "unsloth" checkpointing mode offloads each layer's input to host memory.
@@ -114,8 +114,6 @@ def attention_out_mlp(
     normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
     # Tiled over the sequence (fastft_jax/tiling.py), the MLP never holds [tokens, intermediate]
     # for the whole batch. Its weights go in as an argument, so that their gradients sum over tiles.
-    from fastft_jax import tiling
-
     mlp_names = ("gate_proj", "up_proj", "down_proj")
     mlp_weights = (
         {name: layer[name] for name in mlp_names},
@@ -202,6 +200,9 @@ def decoder_hidden(
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
     hidden = embed_tokens(params, input_ids, compute_dtype)
     layers_lora = (lora_params or {}).get("layers")
+    if ops_config.mlp_tile_tokens == "auto":  # "auto" depends on the checkpointing mode: settle it here
+        ops_config = dataclasses.replace(ops_config, mlp_tile_tokens=tiling.mlp_tile_for(
+            input_ids.size, config.intermediate_size, compute_dtype, ops_config, gradient_checkpointing))
     if dropout_rng is not None:
         layer_rngs = jax.random.split(dropout_rng, config.num_layers)
     else:

@@ -81,8 +81,9 @@ class OpsConfig:
     loss_chunk_tokens: int = 4096
     # Tokens per tile of the decoder's MLP (fastft_jax/tiling.py), which bounds its [tile, intermediate]
     # activations in the forward and the backward: 0 runs the MLP untiled; "auto" tiles only a batch
-    # whose [tokens, intermediate] activation would pass tiling.AUTO_START_BYTES.
-    mlp_tile_tokens: int | str = 0
+    # whose [tokens, intermediate] activation would pass tiling.AUTO_START_BYTES, or, under
+    # use_gradient_checkpointing="unsloth", tiling.OFFLOAD_TILE_BYTES.
+    mlp_tile_tokens: int | str = "auto"
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":

@@ -241,7 +241,11 @@ def test_mlp_tile_for_rule():
     assert tiling.mlp_tile_for(37449, 14336, jnp.bfloat16, auto) == 0
     assert tiling.mlp_tile_for(300_000, 14336, jnp.bfloat16, auto) == 9362
     assert tiling.mlp_tile_for(300_000, 14336, jnp.float32, auto) == 4681
-    assert tiling.mlp_tile_for(300_000, 14336, jnp.bfloat16, ops.OpsConfig()) == 0
+    assert tiling.mlp_tile_for(300_000, 14336, jnp.bfloat16, ops.OpsConfig(mlp_tile_tokens=0)) == 0
+    # Under "unsloth" checkpointing tiling costs no matmul, so "auto" tiles from 2048 tokens (56 MiB) on.
+    assert tiling.mlp_tile_for(2048, 14336, jnp.bfloat16, auto, "unsloth") == 0
+    assert tiling.mlp_tile_for(4096, 14336, jnp.bfloat16, auto, "unsloth") == 2048
+    assert tiling.mlp_tile_for(4096, 14336, jnp.bfloat16, auto, True) == 0
     assert tiling.mlp_tile_for(1000, 14336, jnp.bfloat16, ops.OpsConfig(mlp_tile_tokens=4096)) == 0
     assert tiling.mlp_tile_for(5000, 14336, jnp.bfloat16, ops.OpsConfig(mlp_tile_tokens=4096)) == 4096
     # Equal tiles, padding shorter than the tile count, never more tokens than asked.
