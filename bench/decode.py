@@ -23,10 +23,16 @@ What is timed (median of --iters runs, each ended by block_until_ready / cuda.sy
     step is reported beside it (the decode step attends over the whole preallocated cache).
   - a bf16 sanity check: the tokens of the fused generate equal those of the step loop, and the
     full-sequence forward's argmax agrees with the generated tokens (bf16 near-ties may flip a few).
+  - --decode-matmul pallas,reference times every fastft-jax row once per mode of the op seam's
+    "decode_matmul" (pallas: the decode step's projections read each layer's weight in place in the
+    stacked array, pallas_kernels/stacked_matmul.py; reference: sliced out of the stack, as before),
+    in one process on the same weights, the two modes of a row back to back. NF4 rows take the
+    sliced path under either mode.
 
 Output: a table at the end; $OUT/decode.json (or --out). Run from the repository root:
   python3 bench/decode.py                      # llama3-8b, batch 1 and 32, both sides (~5 min)
   python3 bench/decode.py --sides jax --batches 1
+  python3 bench/decode.py --sides jax --decode-matmul pallas,reference   # the stacked-matmul kernel vs slices
   python3 bench/decode.py --smoke              # CPU check of the script, tiny shape, < 1 min
 """
 
@@ -155,6 +161,8 @@ def measure_jax(model, batch: int, spec: dict, row: dict, full: bool) -> None:
 
 
 def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -175,12 +183,13 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
     result["weights_s"] = round(time.perf_counter() - start, 1)
     result["weight_bytes"] = decode_weight_bytes(params, config.tie_word_embeddings)
     result["bound_tokens_per_s_batch1"] = round(result["copy_GBps"] * 1e9 / result["weight_bytes"], 2)
-    ops_config = OpsConfig.from_env()
-    result["ops_prefill"] = ops_config.describe(packed_rows=False)
+    ops_config_base = OpsConfig.from_env()
+    result["ops_prefill"] = ops_config_base.describe(packed_rows=False)
 
-    def build(variant: str):
+    def build(variant: str, decode_matmul: str):
         """The model of a row, and the weight bytes its decode step reads."""
         max_length = spec["prompt_len"] + spec["new_tokens"]
+        ops_config = dataclasses.replace(ops_config_base, decode_matmul=decode_matmul).validated()
         if variant == "nf4":
             quantized = nf4_params(params)
             return (CausalLM(config, quantized, dtype=jnp.bfloat16, max_seq_length=max_length, ops_config=ops_config),
@@ -202,11 +211,13 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
 
     rows = result.setdefault("rows", [])
     plan = [("base", batch) for batch in spec["batches"]] + [(variant, 1) for variant in spec["variants"]]
-    for variant, batch in plan:
-        row: dict[str, Any] = {"variant": variant, "batch": batch}
+    plan = [(variant, batch, mode) for variant, batch in plan for mode in spec["decode_matmul"]]
+    for variant, batch, mode in plan:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode}
         rows.append(row)
         try:
-            model, weight_bytes = build(variant)
+            model, weight_bytes = build(variant, mode)
+            row["decode_matmul_resolved"] = model.ops_config.resolve("decode_matmul")
             row["weight_bytes"] = int(weight_bytes)
             measure_jax(model, batch, spec, row, full=variant == "base")
             if batch == 1:
@@ -314,10 +325,10 @@ def table(summary: dict) -> str:
         f"{summary['model']} bf16, prompt {summary['prompt_len']}, {summary['new_tokens']} new tokens (decode = the "
         f"{summary['new_tokens'] - 1} steps after the first token); {jax_side.get('device', hf_side.get('device', '?'))}; "
         f"copy bandwidth {jax_side.get('copy_GBps', '?')} GB/s",
-        "weights  | batch | fastft-jax decode tok/s | step loop tok/s | HF decode tok/s | ours/HF | % of bound (+cache) "
-        "| prefill ms ours/HF",
-        "-------- | ----- | ----------------------- | --------------- | --------------- | ------- | ------------------- "
-        "| ------------------",
+        "weights  | decode_matmul | batch | fastft-jax decode tok/s | step loop tok/s | HF decode tok/s | ours/HF "
+        "| % of bound (+cache) | prefill ms ours/HF",
+        "-------- | ------------- | ----- | ----------------------- | --------------- | --------------- | ------- "
+        "| ------------------- | ------------------",
     ]
     jax_rows = jax_side.get("rows", [])
     jax_rows = jax_rows + [{"variant": "base", "batch": batch} for batch in hf_rows
@@ -330,8 +341,11 @@ def table(summary: dict) -> str:
         bound = (f"{fmt(ours.get('pct_of_bound'), '.1f')}% ({fmt(ours.get('pct_of_bound_with_cache'), '.1f')}%)"
                  if "pct_of_bound" in ours else "-")
         prefill = "/".join(fmt(1e3 * row["prefill_s"] if "prefill_s" in row else None, ".1f") for row in (ours, theirs))
+        mode = ours.get("decode_matmul", "-")
+        if ours.get("decode_matmul_resolved") not in (None, mode):
+            mode = f"{mode}->{ours['decode_matmul_resolved']}"
         lines.append(
-            f"{ours['variant']:8s} | {batch:5d} | {fmt(ours.get('decode_tokens_per_s'), '23.1f')} | "
+            f"{ours['variant']:8s} | {mode:13s} | {batch:5d} | {fmt(ours.get('decode_tokens_per_s'), '23.1f')} | "
             f"{fmt(ours.get('step_loop_tokens_per_s'), '15.1f')} | {fmt(theirs.get('decode_tokens_per_s'), '15.1f')} | "
             f"{fmt(ratio, '7.2f')} | {bound:19s} | {prefill}"
         )
@@ -354,6 +368,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=129, help="tokens per generate; decode steps = this - 1")
     parser.add_argument("--variants", default="lora,nf4", type=lambda text: [item for item in text.split(",") if item],
                         help="extra fastft-jax rows at batch 1: lora (un-merged r=16), nf4 (4-bit base); '' for none")
+    parser.add_argument("--decode-matmul", default="auto", type=lambda text: [item for item in text.split(",") if item],
+                        help="fastft-jax rows once per decode_matmul mode of the op seam, e.g. pallas,reference "
+                             "(default auto: the seam's choice)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--copy-gib", type=float, default=2.0)
     parser.add_argument("--sides", default="jax,hf", type=lambda text: text.split(","))
@@ -364,6 +381,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/fastft_decode"))
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = [mode for mode in args.decode_matmul if mode not in ("auto", "reference", "pallas")]
+    if unknown or not args.decode_matmul:
+        parser.error(f"--decode-matmul {','.join(args.decode_matmul)}: use auto, reference and/or pallas")
     if args.smoke:
         args.model, args.batches, args.prompt_len, args.new_tokens = "tiny-llama", [1, 3], 8, 9
         args.iters, args.copy_gib = 2, 0.01
@@ -376,8 +396,8 @@ def main(argv=None) -> int:
         return child_main(*args.child)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {key: getattr(args, key)
-            for key in ("model", "batches", "variants", "prompt_len", "new_tokens", "iters", "copy_gib", "seed")}
+    spec = {key: getattr(args, key) for key in (
+        "model", "batches", "variants", "decode_matmul", "prompt_len", "new_tokens", "iters", "copy_gib", "seed")}
     spec_path = out / "decode_spec.json"
     spec_path.write_text(json.dumps(spec))
     summary = dict(spec, sides=[])

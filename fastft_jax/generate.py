@@ -16,7 +16,12 @@ prompt is left-padded further to a multiple of PROMPT_MULTIPLE columns, so that 
 lengths (the turns of a chat) share one compiled program; the padding never shows in the output.
 
 The layer halves are model.py's attention_qkv and attention_out_mlp, whose projections go through `_project`, so un-merged LoRA adapters apply on the fly and
-whatever base weights `_project` understands (16-bit or quantized) work unchanged.
+whatever base weights `_project` understands (16-bit or quantized) work unchanged. One exception, in
+the decode step only: when the op seam picks the Pallas "decode_matmul" and the seven projections are
+plain 16-bit arrays, the scan runs over layer indices and each projection reads its layer's tiles
+from the stacked [layers, in, out] kernel in place (pallas_kernels/stacked_matmul.py). Sliced out of
+the stack instead, each weight would be copied before the matmul reads it: three times the bytes a
+decode step exists to read once.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from convert.errors import ConfigError, FastFTError
-from convert.hf import ModelConfig
+from convert.hf import PROJECTIONS, ModelConfig
 from convert.quant import is_quantized
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM, attention_out_mlp, attention_qkv, embed_tokens, logits_from_hidden
+from pallas_kernels.stacked_matmul import stacked_lora_matmul, stacked_matmul
 
 # A decode step works on [batch, 1] rows: XLA's fusion of the references is what a matrix-vector
 # step wants, where the Pallas kernels are tiled for training-length sequences. (Its attention is
@@ -124,6 +130,60 @@ def decode_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bhgk,bkhd->bhgd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(batch, 1, heads_q, head_dim).astype(q.dtype)
+
+
+# -- the decode step's layer on stacked kernels -------------------------------------------------------
+def _stacked_kernels(params: dict, static: _Static) -> dict[str, Array] | None:
+    """The seven projections' [layers, in, out] kernels, when the decode step multiplies by them in
+    place: "decode_matmul" resolves to the Pallas kernel and every projection is a plain 16-bit array.
+    None keeps the sliced path (the reference; 4-bit and float32 bases)."""
+    if static.decode_ops.resolve("decode_matmul") != "pallas":
+        return None
+    kernels = {name: params["layers"][name]["kernel"] for name in PROJECTIONS}
+    if any(is_quantized(kernel) or kernel.dtype not in (jnp.bfloat16, jnp.float16) for kernel in kernels.values()):
+        return None
+    return kernels
+
+
+def _project_stacked(
+    name: str, x: Array, layer: dict, layer_lora: dict | None, index: Int[Array, ""], kernels: dict[str, Array],
+    lora_config: LoRAConfig | None,
+) -> Array:
+    """model._project at decode time, with the kernel read from its stack at layer `index`; the same
+    roundings as ops.linear and lora_linear_reference (the decode step's lora_linear)."""
+    adapter = (layer_lora or {}).get(name)
+    if adapter is None:
+        out = stacked_matmul(x, kernels[name], index)
+    else:
+        out = stacked_lora_matmul(x, kernels[name], index, adapter["lora_a"], adapter["lora_b"], lora_config.scale(name))
+    if "bias" in layer[name]:
+        out = out + layer[name]["bias"].astype(out.dtype)
+    return out
+
+
+def _attention_qkv_stacked(hidden: Array, layer: dict, project, positions: Array, config: ModelConfig,
+                           ops_config: ops.OpsConfig) -> tuple[Array, Array, Array]:
+    """model.attention_qkv with `project` for its projections."""
+    batch, seq, _ = hidden.shape
+    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
+    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
+    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
+        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
+    return (*ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config), v)
+
+
+def _attention_out_mlp_stacked(hidden: Array, attn: Array, layer: dict, project, config: ModelConfig,
+                               ops_config: ops.OpsConfig) -> Array:
+    """model.attention_out_mlp with `project` for its projections (a decode step's few rows need no
+    MLP tiling)."""
+    batch, seq, _ = hidden.shape
+    hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
+    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
+    gated = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
+    return hidden + project("down_proj", gated)
 
 
 # -- choosing the next token ------------------------------------------------------------------------
@@ -230,21 +290,34 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
     visible = (jnp.arange(cache_len) <= slot)[None, :]
     key_segment_ids = jnp.where(visible, state.prompt_mask, 0)
     layers_lora = (lora_params or {}).get("layers")
+    kernels = _stacked_kernels(params, static)
+    layers = params["layers"]
+    if kernels is not None:  # the scan slices the norms and biases; the projections read their stacks
+        layers = {key: {part: value for part, value in weights.items() if part != "kernel"} if key in kernels else weights
+                  for key, weights in layers.items()}
 
     def body(carry, per_layer):
         hidden, k_cache, v_cache = carry
         layer, layer_lora, index = per_layer
-        q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
+        if kernels is None:
+            q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
+        else:
+            project = functools.partial(_project_stacked, layer=layer, layer_lora=layer_lora, index=index,
+                                        kernels=kernels, lora_config=static.lora_config)
+            q, k, v = _attention_qkv_stacked(hidden, layer, project, positions, config, static.decode_ops)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, slot, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, slot, 0, 0))
         attn = decode_attention(q, k_cache[index], v_cache[index], key_segment_ids)
-        hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
+        if kernels is None:
+            hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
+        else:
+            hidden = _attention_out_mlp_stacked(hidden, attn, layer, project, config, static.decode_ops)
         return (hidden, k_cache, v_cache), None
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
     hidden = embed_tokens(params, fed, static.compute_dtype)
     (hidden, k_cache, v_cache), _ = jax.lax.scan(
-        body, (hidden, state.k_cache, state.v_cache), (params["layers"], layers_lora, layer_index)
+        body, (hidden, state.k_cache, state.v_cache), (layers, layers_lora, layer_index)
     )
     state = state._replace(k_cache=k_cache, v_cache=v_cache)
     return _append(state, _last_logits(params, hidden, static, static.decode_ops), static)

@@ -26,9 +26,10 @@ from pallas_kernels import lora_linear as lora_linear_kernels
 from pallas_kernels import nf4 as nf4_kernels
 from pallas_kernels import rms_norm as rms_norm_kernels
 from pallas_kernels import rope as rope_kernels
+from pallas_kernels import stacked_matmul as stacked_matmul_kernels
 from pallas_kernels import swiglu as swiglu_kernels
 
-OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention", "dequant")
+OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention", "dequant", "decode_matmul")
 MODES = ("auto", "reference", "pallas")
 ATTENTION_MODES = MODES + ("cudnn", "xla")
 # lora_linear's "xla": the kernel file's custom_vjp (cheapest matmul order, nothing but x and x·A
@@ -45,6 +46,7 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
     "dequant": "pallas",  # NF4 -> 16-bit: 1.5x-2x XLA's fusion of the reference (bench/qlora.py, H200)
+    "decode_matmul": "pallas",  # no sliced copy of each layer's weight per token; bench/decode.py must confirm it
 }
 
 _KERNELS = {
@@ -55,6 +57,7 @@ _KERNELS = {
     "cross_entropy": (cross_entropy_kernels, "fused_linear_cross_entropy"),
     "attention": (attention_kernels, "flash_attention"),
     "dequant": (nf4_kernels, "dequantize_4bit"),
+    "decode_matmul": (stacked_matmul_kernels, "stacked_matmul"),
 }
 
 
@@ -77,6 +80,9 @@ class OpsConfig:
     attention: str = "auto"
     # Dequantization of 4-bit (NF4) base weights, and the fused dequant-matmul for a few rows.
     dequant: str = "auto"
+    # The decode step's 16-bit projections (fastft_jax/generate.py): "pallas" multiplies by each layer's
+    # weight in place in the stacked [layers, in, out] array; "reference" slices it out first.
+    decode_matmul: str = "auto"
     # Tokens per chunk of the reference loss head, which bounds its [chunk, vocab] logits.
     loss_chunk_tokens: int = 4096
     # Tokens per tile of the decoder's MLP (fastft_jax/tiling.py), which bounds its [tile, intermediate]
