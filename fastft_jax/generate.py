@@ -31,8 +31,9 @@ import dataclasses
 import functools
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,13 @@ from convert.hf import PROJECTIONS, ModelConfig
 from convert.quant import is_quantized
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig
-from fastft_jax.model import CausalLM, attention_out_mlp, attention_qkv, embed_tokens, logits_from_hidden
+from fastft_jax.model import (
+    CausalLM,
+    attention_out_mlp,
+    attention_qkv,
+    embed_tokens,
+    logits_from_hidden,
+)
 from pallas_kernels.stacked_matmul import stacked_lora_matmul, stacked_matmul
 
 # A decode step works on [batch, 1] rows: XLA's fusion of the references is what a matrix-vector
@@ -64,7 +71,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
-    def validated(self) -> "Sampling":
+    def validated(self) -> Sampling:
         if not self.do_sample:
             return self
         if not self.temperature > 0:
@@ -159,31 +166,6 @@ def _project_stacked(
     if "bias" in layer[name]:
         out = out + layer[name]["bias"].astype(out.dtype)
     return out
-
-
-def _attention_qkv_stacked(hidden: Array, layer: dict, project, positions: Array, config: ModelConfig,
-                           ops_config: ops.OpsConfig) -> tuple[Array, Array, Array]:
-    """model.attention_qkv with `project` for its projections."""
-    batch, seq, _ = hidden.shape
-    normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
-    q = project("q_proj", normed).reshape(batch, seq, config.num_heads, config.head_dim)
-    k = project("k_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    v = project("v_proj", normed).reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = ops.rms_norm(q, layer["q_norm"], config.rms_norm_eps, ops_config)
-        k = ops.rms_norm(k, layer["k_norm"], config.rms_norm_eps, ops_config)
-    return (*ops.rope_qk(q, k, positions, config.rope_theta, config.rope_scaling_dict, ops_config), v)
-
-
-def _attention_out_mlp_stacked(hidden: Array, attn: Array, layer: dict, project, config: ModelConfig,
-                               ops_config: ops.OpsConfig) -> Array:
-    """model.attention_out_mlp with `project` for its projections (a decode step's few rows need no
-    MLP tiling)."""
-    batch, seq, _ = hidden.shape
-    hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
-    normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
-    gated = ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config)
-    return hidden + project("down_proj", gated)
 
 
 # -- choosing the next token ------------------------------------------------------------------------
@@ -299,19 +281,16 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
     def body(carry, per_layer):
         hidden, k_cache, v_cache = carry
         layer, layer_lora, index = per_layer
-        if kernels is None:
-            q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops)
-        else:
-            project = functools.partial(_project_stacked, layer=layer, layer_lora=layer_lora, index=index,
-                                        kernels=kernels, lora_config=static.lora_config)
-            q, k, v = _attention_qkv_stacked(hidden, layer, project, positions, config, static.decode_ops)
+        project = None if kernels is None else functools.partial(
+            _project_stacked, layer=layer, layer_lora=layer_lora, index=index, kernels=kernels,
+            lora_config=static.lora_config)
+        q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops,
+                                project=project)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, slot, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, slot, 0, 0))
         attn = decode_attention(q, k_cache[index], v_cache[index], key_segment_ids)
-        if kernels is None:
-            hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops)
-        else:
-            hidden = _attention_out_mlp_stacked(hidden, attn, layer, project, config, static.decode_ops)
+        hidden = attention_out_mlp(hidden, attn, layer, layer_lora, config, static.lora_config, static.decode_ops,
+                                   project=project)
         return (hidden, k_cache, v_cache), None
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -78,11 +79,14 @@ def attention_qkv(
     lora_config: LoRAConfig | None,
     ops_config: ops.OpsConfig,
     dropout_rng: Array | None = None,
+    project: Callable[[str, Array], Array] | None = None,
 ) -> tuple[Array, Array, Array]:
     """The layer up to attention: q and k (normed for qwen3, rotated) and v, [batch, seq, heads, head_dim].
-    Split out so that generation can put k and v into its cache between the two halves."""
+    Split out so that generation can put k and v into its cache between the two halves. `project`
+    (name, x) -> x @ W_name (+ adapter, bias) replaces `_project`: the decode step reads its weights
+    from the stacked arrays in place."""
     batch, seq, _ = hidden.shape
-    project = functools.partial(
+    project = project or functools.partial(
         _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
     )
     normed = ops.rms_norm(hidden, layer["input_norm"], config.rms_norm_eps, ops_config)
@@ -104,14 +108,19 @@ def attention_out_mlp(
     lora_config: LoRAConfig | None,
     ops_config: ops.OpsConfig,
     dropout_rng: Array | None = None,
+    project: Callable[[str, Array], Array] | None = None,
 ) -> Float[Array, "batch seq hidden"]:
-    """The layer after attention: output projection, residual, MLP, residual."""
+    """The layer after attention: output projection, residual, MLP, residual. `project` as in
+    attention_qkv; with it the MLP runs untiled (a decode step's few rows)."""
     batch, seq, _ = hidden.shape
-    project = functools.partial(
+    custom_project = project
+    project = project or functools.partial(
         _project, layer=layer, layer_lora=layer_lora, lora_config=lora_config, ops_config=ops_config, dropout_rng=dropout_rng
     )
     hidden = hidden + project("o_proj", attn.reshape(batch, seq, config.num_heads * config.head_dim))
     normed = ops.rms_norm(hidden, layer["post_attn_norm"], config.rms_norm_eps, ops_config)
+    if custom_project is not None:
+        return hidden + project("down_proj", ops.swiglu(project("gate_proj", normed), project("up_proj", normed), ops_config))
     # Tiled over the sequence (fastft_jax/tiling.py), the MLP never holds [tokens, intermediate]
     # for the whole batch. Its weights go in as an argument, so that their gradients sum over tiles.
     mlp_names = ("gate_proj", "up_proj", "down_proj")

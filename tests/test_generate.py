@@ -3,6 +3,8 @@ adapters) on the tiny float32 checkpoints, left-padded batches, sampling, stream
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import warnings
 
@@ -13,13 +15,23 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from convert.errors import ConfigError
 from convert.quant import dequantized_tree
-from fastft_jax import CausalLM, FastLanguageModel, LoRAConfig
+from fastft_jax import CausalLM, FastLanguageModel, LoRAConfig, ops
 from fastft_jax import generate as generate_module
-from fastft_jax.generate import Sampling, decode_attention, filtered_logits, generate, stream_generate
+from fastft_jax.generate import (
+    Sampling,
+    decode_attention,
+    filtered_logits,
+    generate,
+    stream_generate,
+)
 from pallas_kernels.attention import attention_reference
 
 VOCAB_IN_USE = 500  # ids below the tiny tokenizers' special tokens and padding rows
@@ -285,3 +297,52 @@ def test_cli_refuses_an_empty_prompt(tiny_checkpoints, capsys):
         generate_module.main(["--model", str(tiny_checkpoints["qwen3"]), "--prompt", "  "])
     assert exit_info.value.code == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+# -- the decode step on stacked kernels (pallas_kernels/stacked_matmul.py) ---------------------------------------------------------------------------------
+def test_decode_matmul_defaults_to_the_reference_on_the_cpu():
+    assert ops.OpsConfig().resolve("decode_matmul") == "reference"
+    assert ops.GPU_AUTO_CHOICE["decode_matmul"] == "pallas"
+    assert ops.OpsConfig.from_env(decode_matmul="pallas").resolve("decode_matmul") == "pallas"
+
+
+def decode_step_runs_the_kernel(model, input_ids, attention_mask) -> bool:
+    """Whether generate's decode step (as traced for this model and prompt) contains a Pallas call."""
+    prepared = generate_module._setup(model, input_ids, attention_mask, 4, False, 1.0, 1.0, 0, [], None, False, 0)
+    base, lora = prepared.model.base_params(), prepared.model.lora_params()
+    state = jax.eval_shape(functools.partial(generate_module._prefill, static=prepared.static), base, lora,
+                           *prepared.arrays)
+    step = functools.partial(generate_module._decode_step, static=prepared.static)
+    return "pallas_call" in str(jax.make_jaxpr(step)(base, lora, state))
+
+
+def with_decode_matmul(model, mode: str):
+    model.ops_config = dataclasses.replace(model.ops_config, decode_matmul=mode)
+    return model
+
+
+@pytest.mark.parametrize("arch,adapter", [("llama", False), ("qwen2", True), ("qwen3", True)])
+def test_greedy_decode_on_stacked_kernels_equals_the_sliced_path(arch, adapter, tiny_checkpoints):
+    """bfloat16 weights (the kernel's case); qwen2 has q/k/v biases; the adapters stay un-merged."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints[arch], dtype="bfloat16", max_seq_length=64)
+    model = FastLanguageModel.for_inference(model)
+    if adapter:
+        attach_random_lora(model, rng)
+    input_ids, attention_mask = left_padded(rng, [5, 9], tokenizer.pad_token_id)
+    settings = {"max_new_tokens": 12, "eos_token_id": []}
+    expected = generate_module.generate(with_decode_matmul(model, "reference"), input_ids, attention_mask, **settings)
+    assert not decode_step_runs_the_kernel(model, input_ids, attention_mask)
+    ours = generate_module.generate(with_decode_matmul(model, "pallas"), input_ids, attention_mask, **settings)
+    assert decode_step_runs_the_kernel(model, input_ids, attention_mask)
+    np.testing.assert_array_equal(ours, expected, err_msg=f"{arch}, adapter={adapter}, seed {seed}")
+
+
+def test_4bit_and_float32_bases_keep_the_sliced_path(tiny_checkpoints):
+    rng = np.random.default_rng(fresh_seed())
+    for kwargs in ({"dtype": "bfloat16", "load_in_4bit": True}, {"dtype": "float32"}):
+        model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen3"], max_seq_length=64, **kwargs)
+        model = with_decode_matmul(FastLanguageModel.for_inference(model), "pallas")
+        input_ids, attention_mask = left_padded(rng, [4, 7], tokenizer.pad_token_id)
+        assert not decode_step_runs_the_kernel(model, input_ids, attention_mask), kwargs
