@@ -97,6 +97,13 @@ def main() -> int:
                     raise AssertionError("the NF4 dequant kernel differs from its reference")
                 out = build_model(single, quantized_params)(input_ids, positions=positions, segment_ids=segment_ids)
                 ref = build_model(all_reference, quantized_params)(input_ids, positions=positions, segment_ids=segment_ids)
+            elif op == "decode_matmul":  # the decode step's matmul on the stacked [layers, in, out] kernels
+                from pallas_kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
+
+                stacked = params["layers"]["gate_proj"]["kernel"]
+                rows = jax.random.normal(jax.random.PRNGKey(2), (3, stacked.shape[1]), jnp.float32)
+                out = stacked_matmul(rows, stacked, jnp.int32(config.num_layers - 1))
+                ref = stacked_matmul_reference(rows, stacked, jnp.int32(config.num_layers - 1))
             else:
                 out = model(input_ids, positions=positions, segment_ids=segment_ids)
                 ref = reference
