@@ -6,6 +6,7 @@ from fastft_jax.api import FastLanguageModel, is_bfloat16_supported, resolve_dty
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM
 from fastft_jax.ops import OpsConfig
+from fastft_jax.plan import plan_memory
 from fastft_jax.trainer import SFTTrainer, TrainingArguments
 
 __version__ = "0.1.0"
@@ -24,5 +25,6 @@ __all__ = [
     "TrainingArguments",
     "UnsupportedModelError",
     "is_bfloat16_supported",
+    "plan_memory",
     "resolve_dtype",
 ]

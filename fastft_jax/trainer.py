@@ -42,6 +42,7 @@ from fastft_jax.data import (
 from convert.hf import ModelConfig
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM, decoder_hidden, lm_head_weight
+from fastft_jax.plan import check_run_fits, parse_memory_size
 
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizer names HF/Unsloth scripts pass. All run optax AdamW in float32 here; the 8-bit variants
@@ -96,6 +97,9 @@ class _TrainingArgumentFields:
     mesh: dict | None = None
     # Write a loss-curve PNG into output_dir at the end of train().
     plot_loss: bool = True
+    # Device memory a step may use ("24GB", bytes, or "off"); None: the GPU's bytes_limit. A run
+    # predicted to need more stops before compiling (fastft_jax/plan.py, check_run_fits).
+    memory_limit: int | float | str | None = None
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
@@ -120,6 +124,7 @@ class _TrainingArgumentFields:
         if self.bf16 and self.fp16:
             raise ConfigError("training: set bf16 or fp16, not both")
         sharding.validate_mesh_config(self.mesh, "training.mesh")
+        parse_memory_size(self.memory_limit, "training.memory_limit")
 
 
 
@@ -338,6 +343,7 @@ class SFTTrainer:
                 packing=packing,
             )
         self.data_config = data_config
+        check_run_fits(model, self.args, data_config, fsdp=self.mesh.shape["fsdp"])
         self._check_output_dir()
         source = train_dataset
         if formatting_func is not None and train_dataset is not None:

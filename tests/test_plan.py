@@ -1,0 +1,151 @@
+"""fastft_jax/plan.py: the formula against XLA's memory analysis, the searches, the trainer's refusal
+of a run that cannot fit, and the CLI."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from convert import quant
+from convert.errors import ConfigError
+from convert.hf import model_config_from_hf, read_config_json
+from fastft_jax import ops
+from fastft_jax.plan import (
+    _abstract_quantized,
+    abstract_base_params,
+    main,
+    max_batch_size_that_fits,
+    max_seq_length_that_fits,
+    parse_memory_size,
+    plan_memory,
+    weight_bytes,
+    weight_bytes_of_tree,
+)
+
+# Every checkpointing mode in both dtypes, each on one of the tiny checkpoints (all three appear:
+# tied and untied heads, GQA, Qwen3's q/k norms and head_dim 24) at a length between 64 and 2048
+# tokens, powers of two and not, with attention as the GPU runs it (the flash kernel, here in the
+# Pallas interpreter: nothing quadratic in the length) and as the CPU runs it by default (the
+# reference, which holds [batch, heads, seq, seq] scores). The compiled peak is XLA's
+# argument + output - alias + temp: all the step holds on the device at once.
+CASES = [
+    ("pallas", False, "float32", "qwen2", 2048),
+    ("pallas", "unsloth", "bfloat16", "qwen3", 600),
+    ("pallas", "selective", "float32", "llama", 1000),
+    ("reference", False, "float32", "llama", 64),
+    ("reference", False, "bfloat16", "qwen3", 1536),
+    ("reference", True, "float32", "qwen2", 384),
+    ("reference", True, "bfloat16", "llama", 2048),
+    ("reference", "unsloth", "float32", "qwen3", 768),
+    ("reference", "unsloth", "bfloat16", "qwen2", 96),
+    ("reference", "selective", "float32", "qwen3", 2048),
+    ("reference", "selective", "bfloat16", "llama", 600),
+]
+
+
+def _config(tiny_checkpoints, name):
+    return model_config_from_hf(read_config_json(tiny_checkpoints[name]))
+
+
+@pytest.mark.parametrize("attention,mode,dtype,name,length", CASES)
+def test_formula_within_10_percent_of_xla(tiny_checkpoints, attention, mode, dtype, name, length):
+    plan = plan_memory(_config(tiny_checkpoints, name), max_seq_length=length, dtype=dtype, gradient_checkpointing=mode,
+                       ops_config=ops.OpsConfig(attention=attention), source="compiled", backend="cpu")
+    compiled = plan.compiled
+    # The arguments are known exactly: weights, adapters, AdamW state and the token batch.
+    assert plan.weights_total + plan.lora_params + plan.optimizer_state + plan.batch_inputs == compiled.argument
+    error = (plan.predicted_peak - compiled.peak) / compiled.peak
+    assert abs(error) <= 0.10, f"{name} {attention} {mode} {dtype} {length} tokens: formula off by {error:+.1%}"
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4", "int8"])
+def test_weight_bytes_match_the_quantized_tree(tiny_checkpoints, quantization):
+    config = _config(tiny_checkpoints, "qwen3")
+    from_config = weight_bytes(config, jnp.bfloat16, quantization)
+    assert from_config == weight_bytes_of_tree(abstract_base_params(config, jnp.bfloat16, quantization))
+    if quantization:
+        # The abstract layout is convert/quant.py's, for a kernel of an odd size.
+        weight = jax.random.normal(jax.random.PRNGKey(np.random.randint(1 << 30)), (88, 24))
+        real = quant.stack_layers([quant.quantize(weight, quantization)] * 3)
+        abstract = _abstract_quantized(24, 88, 3, quantization)
+        def shapes(tree):
+            return [(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
+
+        assert shapes(real) == shapes(abstract)
+
+
+def test_searches_return_the_largest_run_that_fits(tiny_checkpoints):
+    config = _config(tiny_checkpoints, "llama")
+    args = dict(dtype="float32", gradient_checkpointing=True, backend="cpu", batch_size=2, max_seq_length=512)
+    limit = plan_memory(config, source="shapes", **args).peak * 3
+    longest = max_seq_length_that_fits(limit, config, **args)
+    assert plan_memory(config, source="shapes", **{**args, "max_seq_length": longest}).peak <= limit
+    assert plan_memory(config, source="shapes", **{**args, "max_seq_length": longest + 1}).peak > limit
+    widest = max_batch_size_that_fits(limit, config, **args)
+    assert plan_memory(config, source="shapes", **{**args, "batch_size": widest}).peak <= limit
+    assert plan_memory(config, source="shapes", **{**args, "batch_size": widest + 1}).peak > limit
+    assert max_seq_length_that_fits(1000, config, **args) == 0  # not even the weights fit
+
+
+def test_memory_sizes_parse():
+    assert parse_memory_size("24GB") == parse_memory_size("24 GiB") == 24 << 30
+    assert parse_memory_size("1.5tb") == 3 << 39
+    assert parse_memory_size(4096) == 4096
+    assert parse_memory_size("off") is None and parse_memory_size(None) is None
+    with pytest.raises(ConfigError, match="24 parsecs"):
+        parse_memory_size("24 parsecs")
+
+
+def test_trainer_refuses_a_run_that_cannot_fit_before_compiling(tiny_checkpoints, tmp_path, monkeypatch):
+    from fastft_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], max_seq_length=1024, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
+    monkeypatch.setattr(SFTTrainer, "_build_train_step", lambda self: pytest.fail("the step was built"))
+    monkeypatch.setattr("fastft_jax.trainer.prepare_datasets", lambda *a, **k: pytest.fail("the data was prepared"))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, memory_limit="128MB")
+    with pytest.raises(ConfigError) as raised:
+        SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=[{"text": "a b c"}], args=args, max_seq_length=1024)
+    message = str(raised.value)
+    assert "more than the limit of 128.00 MiB (training.memory_limit)" in message
+    assert float(re.search(r"needs about ([0-9.]+) MiB", message).group(1)) > 128
+    longest = int(re.search(r"largest max_seq_length that fits at batch 4 is ([0-9,]+)", message).group(1).replace(",", ""))
+    widest = int(re.search(r"largest batch that fits at max_seq_length 1,024 is ([0-9,]+)", message).group(1).replace(",", ""))
+    plan_args = dict(lora_config=model.lora_config, dtype="float32", gradient_checkpointing=True, source="shapes",
+                     ops_config=model.ops_config, base_params=model.base_params())
+    assert plan_memory(model.config, batch_size=4, max_seq_length=longest, **plan_args).peak <= 128 << 20
+    assert plan_memory(model.config, batch_size=4, max_seq_length=longest + 1, **plan_args).peak > 128 << 20
+    assert plan_memory(model.config, batch_size=widest, max_seq_length=1024, **plan_args).peak <= 128 << 20
+    assert plan_memory(model.config, batch_size=widest + 1, max_seq_length=1024, **plan_args).peak > 128 << 20
+
+
+def test_cli_prints_the_split_and_what_fits(tiny_checkpoints, tmp_path, capsys):
+    config = {
+        "model": {"name": str(tiny_checkpoints["llama"]), "max_seq_length": 4096, "load_in_4bit": True},
+        "lora": {"r": 32, "use_gradient_checkpointing": "unsloth"},
+        "data": {"path": "unused.jsonl"},
+        "training": {"per_device_train_batch_size": 2, "memory_limit": "64MB"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--set", "training.gradient_accumulation_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("nf4 codes (4-bit projections)", "nf4 absmax + double quant", "bfloat16 weights",
+                "LoRA parameters (float32)", "AdamW m and v (float32)", "gradients (float32)",
+                "saved activations: 2 layers", "one layer's backward", "loss head",
+                "peak device memory (formula)", "host memory (offloaded layer inputs)",
+                "memory limit (training.memory_limit)", "largest max_seq_length that fits at batch 2",
+                "largest batch that fits at max_seq_length 4096"):
+        assert row in printed, row
+    assert "batch 2 x 4096 tokens x 2 accumulation" in printed
+    # --memory wins over the YAML; --backend cpu compiles the tiny step for XLA's own number.
+    assert main(["--config", str(path), "--memory", "1GB", "--backend", "cpu", "--set", "model.load_in_4bit=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "peak device memory (XLA memory analysis)" in printed and "memory limit (--memory)" in printed
+    assert main(["--config", str(path), "--memory", "24 parsecs"]) == 2
+    assert "24 parsecs" in capsys.readouterr().err
