@@ -6,10 +6,19 @@ from fastft_jax.api import FastLanguageModel, is_bfloat16_supported, resolve_dty
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM
 from fastft_jax.ops import OpsConfig
-from fastft_jax.plan import plan_memory
 from fastft_jax.trainer import SFTTrainer, TrainingArguments
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # fastft_jax.plan is also `python -m fastft_jax.plan`: imported here, runpy would load it twice.
+    if name == "plan_memory":
+        from fastft_jax.plan import plan_memory
+
+        return plan_memory
+    raise AttributeError(f"module 'fastft_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "CausalLM",

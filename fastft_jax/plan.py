@@ -247,7 +247,8 @@ class _Spec:
 
     @property
     def mlp_tile_tokens(self) -> int:
-        return tiling.mlp_tile_for(self.tokens, self.config.intermediate_size, self.dtype, self.ops_config)
+        return tiling.mlp_tile_for(self.tokens, self.config.intermediate_size, self.dtype, self.ops_config,
+                                   self.gradient_checkpointing)
 
 
 def _lora_bytes(config: ModelConfig, lora_config: LoRAConfig) -> int:
@@ -785,12 +786,13 @@ def _largest(fits, cap: int, breaks: tuple[int, ...] = ()) -> int:
 
 
 def _tiling_break(spec: _Spec, per_unit: int) -> tuple[int, ...]:
-    """The count (of positions, or of rows) past which "auto" tiles the MLP: its [tokens,
-    intermediate] activation then passes tiling.AUTO_START_BYTES."""
+    """The count (of positions, or of rows) past which "auto" tiles the MLP: where its [tokens,
+    intermediate] activation passes the start tiling.mlp_tile_for uses for this checkpointing mode."""
     if spec.ops_config.mlp_tile_tokens != "auto":
         return ()
     bytes_per_token = spec.config.intermediate_size * jnp.dtype(spec.dtype).itemsize
-    return (tiling.AUTO_START_BYTES // bytes_per_token // per_unit,)
+    start = tiling.OFFLOAD_TILE_BYTES if spec.gradient_checkpointing == "unsloth" else tiling.AUTO_START_BYTES
+    return (start // bytes_per_token // per_unit,)
 
 
 def _fits_with(spec: _Spec, weights: dict[str, int], memory_limit: int, **change: int):

@@ -42,7 +42,6 @@ from fastft_jax.data import (
 from convert.hf import ModelConfig
 from fastft_jax.lora import LoRAConfig
 from fastft_jax.model import CausalLM, decoder_hidden, lm_head_weight
-from fastft_jax.plan import check_run_fits, parse_memory_size
 
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizer names HF/Unsloth scripts pass. All run optax AdamW in float32 here; the 8-bit variants
@@ -124,6 +123,8 @@ class _TrainingArgumentFields:
         if self.bf16 and self.fp16:
             raise ConfigError("training: set bf16 or fp16, not both")
         sharding.validate_mesh_config(self.mesh, "training.mesh")
+        from fastft_jax.plan import parse_memory_size  # lazily: plan.py is also a `python -m` entry point
+
         parse_memory_size(self.memory_limit, "training.memory_limit")
 
 
@@ -343,6 +344,8 @@ class SFTTrainer:
                 packing=packing,
             )
         self.data_config = data_config
+        from fastft_jax.plan import check_run_fits
+
         check_run_fits(model, self.args, data_config, fsdp=self.mesh.shape["fsdp"])
         self._check_output_dir()
         source = train_dataset
