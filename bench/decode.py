@@ -67,17 +67,6 @@ def median_seconds(run: Callable[[], Any], iters: int) -> float:
 
 
 # -- fastft-jax side ---------------------------------------------------------------------------------
-def copy_bandwidth_gbps(gib: float, iters: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    array = jnp.ones((int(gib * (1 << 29)),), jnp.bfloat16)
-    add_one = jax.jit(lambda values: values + jnp.asarray(1, values.dtype))
-    add_one(array).block_until_ready()
-    seconds = median_seconds(lambda: add_one(array).block_until_ready(), iters)
-    return 2 * array.nbytes / seconds / 1e9
-
-
 def decode_weight_bytes(params: dict, tied: bool) -> int:
     """What one decode step reads of the weights: everything but the embedding table, of which a
     token reads one row (unless it is also the lm_head)."""
@@ -173,7 +162,9 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
 
     device = jax.devices()[0]
     result.update(device=device.device_kind, platform=device.platform, jax_version=jax.__version__)
-    result["copy_GBps"] = round(copy_bandwidth_gbps(spec["copy_gib"], spec["iters"]), 1)
+    from bench.timing import copy_ceiling_gbps
+
+    result["copy_GBps"] = round(copy_ceiling_gbps(spec["copy_gib"], 1, max(spec["iters"], 5)), 1)
     print(f"copy bandwidth {result['copy_GBps']} GB/s", flush=True)
 
     config = model_config_from_hf(hf_config(spec["model"]), where=f"bench shape {spec['model']}")

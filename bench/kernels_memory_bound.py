@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -39,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import relative_error, time_ms  # noqa: E402
+from bench.timing import copy_bandwidth_gbps, relative_error, time_ms  # noqa: E402
 
 from pallas_kernels import rms_norm as rms_norm_module  # noqa: E402
 from pallas_kernels import rope as rope_module  # noqa: E402
@@ -135,38 +134,6 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-
-
-def copy_bandwidth_gbps(gib: float, warmup: int, iters: int) -> dict[str, float]:
-    """Read + write bandwidth of a plain device copy, measured two ways on the same card: XLA's
-    elementwise x + 1, and (when torch is installed) torch's copy_, which is cudaMemcpy-class. The
-    larger is the ceiling the "% of copy" columns use, so no kernel is flattered by a slow copy."""
-    array = jnp.ones((int(gib * (1 << 29)),), jnp.bfloat16)
-    add_one = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
-    ms = time_ms(add_one, array, warmup=warmup, iters=iters)
-    measured = {"xla_add_one": 2 * array.nbytes / (ms * 1e-3) / 1e9}
-    del array
-    try:
-        import torch
-    except ImportError:
-        return measured
-    if torch.cuda.is_available():
-        source = torch.ones(int(gib * (1 << 29)), dtype=torch.bfloat16, device="cuda")
-        target = torch.empty_like(source)
-        for _ in range(max(warmup, 1)):
-            target.copy_(source)
-        samples = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            target.copy_(source)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        measured["torch_copy"] = 2 * source.numel() * 2 / (statistics.median(samples) * 1e-3) / 1e9
-        del source, target
-        torch.cuda.empty_cache()
-    return measured
 
 
 def random_cotangent(case: Case, rng: np.random.Generator):

@@ -65,16 +65,6 @@ def _median_seconds(fn, *args, iters: int) -> float:
     return time_ms(fn, *args, warmup=1, iters=iters) / 1e3
 
 
-def copy_bandwidth(gib: float, iters: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
-    negate = jax.jit(lambda array: -array)
-    seconds = _median_seconds(negate, x, iters=iters)
-    return 2 * x.nbytes / seconds / 1e9
-
-
 def bench_dequant(shapes: dict, iters: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -359,7 +349,9 @@ def main(argv=None) -> int:
 
     results["device"] = jax.devices()[0].device_kind
     results["jax_version"] = jax.__version__
-    results["copy_gbs"] = round(copy_bandwidth(0.01 if args.smoke else 1.0, args.iters), 1)
+    from bench.timing import copy_ceiling_gbps
+
+    results["copy_gbs"] = round(copy_ceiling_gbps(0.01 if args.smoke else 1.0, 1, args.iters), 1)
     results["dequant"] = bench_dequant(shapes, args.iters)
     results["fused"] = bench_fused(shapes, (1, 4, 16), args.iters)
     results["bitsandbytes_parity"] = bench_bitsandbytes_parity(shapes, "cpu" if args.smoke else "cuda")

@@ -33,6 +33,43 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> f
     return 1e3 * statistics.median(samples)
 
 
+def copy_bandwidth_gbps(gib: float, warmup: int, iters: int) -> dict[str, float]:
+    """Read + write bandwidth of a plain device copy, measured two ways on the same card: XLA's
+    elementwise x + 1, and (when torch is installed) torch's copy_, which is cudaMemcpy-class. The
+    larger is the ceiling the "% of copy" columns use, so no kernel is flattered by a slow copy."""
+    array = jnp.ones((int(gib * (1 << 29)),), jnp.bfloat16)
+    add_one = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+    ms = time_ms(add_one, array, warmup=warmup, iters=iters)
+    measured = {"xla_add_one": 2 * array.nbytes / (ms * 1e-3) / 1e9}
+    del array
+    try:
+        import torch
+    except ImportError:
+        return measured
+    if torch.cuda.is_available():
+        source = torch.ones(int(gib * (1 << 29)), dtype=torch.bfloat16, device="cuda")
+        target = torch.empty_like(source)
+        for _ in range(max(warmup, 1)):
+            target.copy_(source)
+        samples = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        measured["torch_copy"] = 2 * source.numel() * 2 / (statistics.median(samples) * 1e-3) / 1e9
+        del source, target
+        torch.cuda.empty_cache()
+    return measured
+
+
+def copy_ceiling_gbps(gib: float = 2.0, warmup: int = 3, iters: int = 20) -> float:
+    """The larger of copy_bandwidth_gbps' measurements: the ceiling every "% of copy" uses."""
+    return max(copy_bandwidth_gbps(gib, warmup, iters).values())
+
+
 def short_error(exc: BaseException) -> str:
     """The first lines of an exception, for a table cell."""
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
