@@ -46,7 +46,10 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
     "dequant": "pallas",  # NF4 -> 16-bit: 1.5x-2x XLA's fusion of the reference (bench/qlora.py, H200)
-    "decode_matmul": "pallas",  # no sliced copy of each layer's weight per token; bench/decode.py must confirm it
+    # The stacked-weight kernel avoids the sliced copy of each layer's weights per token, but it has
+    # not run on a GPU yet: the default stays on XLA until bench/decode.py --decode-matmul
+    # pallas,reference measures it faster (FASTFT_KERNELS=pallas or decode_matmul="pallas" opts in).
+    "decode_matmul": "reference",
 }
 
 _KERNELS = {

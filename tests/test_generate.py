@@ -299,10 +299,10 @@ def test_cli_refuses_an_empty_prompt(tiny_checkpoints, capsys):
     assert "--prompt is empty" in capsys.readouterr().err
 
 
-# -- the decode step on stacked kernels (pallas_kernels/stacked_matmul.py) ---------------------------------------------------------------------------------
+# -- the decode step on stacked kernels (pallas_kernels/stacked_matmul.py) ----------------------
 def test_decode_matmul_defaults_to_the_reference_on_the_cpu():
     assert ops.OpsConfig().resolve("decode_matmul") == "reference"
-    assert ops.GPU_AUTO_CHOICE["decode_matmul"] == "pallas"
+    assert ops.GPU_AUTO_CHOICE["decode_matmul"] == "reference"  # until measured on a GPU
     assert ops.OpsConfig.from_env(decode_matmul="pallas").resolve("decode_matmul") == "pallas"
 
 
