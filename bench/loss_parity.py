@@ -1,0 +1,457 @@
+"""Loss parity: the kernel path against the pure-jnp reference over 50 training steps of a real packed
+dataset, with a bf16-noise yardstick measured in the same call (issue 8's last target).
+
+What runs, all through the public API, each run in its own process (same checkpoint, seed and data):
+  - checkpoint: convert.tiny.write_tiny_checkpoint with the --model shape of bench/e2e.py's SHAPES
+    (qwen2.5-1.5b by default: Qwen2 architecture, real sizes, random weights of std 1/sqrt(fan_in),
+    bf16) and convert.tiny's byte-level BPE tokenizer; written once to --ckpt-root/<model> and
+    reused. --smoke uses convert.tiny's own tiny qwen2.
+  - FastLanguageModel.from_pretrained(kernels=OpsConfig.from_env()), get_peft_model: LoRA r=16,
+    alpha=16, dropout 0 on all 7 projections (PEFT's init: B = 0), "unsloth" checkpointing.
+  - SFTTrainer on examples/data/reasoning.jsonl with examples/quickstart.yaml's data section (the
+    medical chain-of-thought template, loss on the response only), packing=True, max_seq_length
+    2048 (smoke: 512, the quickstart's: the template alone is ~150 tokens), --batch rows per step, AdamW lr --lr, linear decay after 5 warm-up steps,
+    clip 1.0, seed 3407, logging_steps=1. The per-step losses come from the run's metrics.jsonl.
+  - runs:
+      auto       FASTFT_KERNELS unset: on a GPU the Pallas kernels, cuDNN/flash attention and the
+                 chunked loss, whatever OpsConfig.from_env() picks.
+      reference  FASTFT_KERNELS=reference: every op the pure-jnp reference.
+      rerounded  reference again, with every base weight matrix re-rounded to bf16 (below).
+
+The yardstick, "bf16 noise": the rerounded run's base weights are the checkpoint's with each
+element w replaced by bf16(float32(w) * (1 + d)), d uniform in [-2^-8, 2^-8], so each weight stays
+or moves to a neighbouring bf16 value: the model that a different (stochastic) rounding of the same
+float32 master weights would have stored. No bf16 computation can tell the two models apart (both
+are within one bf16 ulp of the master, the representation error of any bf16 checkpoint), and the
+kernel path is allowed to differ from the reference by the same kind of error: each fused kernel
+rounds its intermediates in other places (or not at all: float32 accumulators) than the jnp ops do,
+about one bf16 rounding per op. Like the kernel differences, the perturbation is present at every
+step rather than once at the start, and training then amplifies or damps it as it does theirs.
+
+Verdict: PASS if max_step |auto - reference| <= max_step |rerounded - reference| (the yardstick),
+or if max_step |auto - reference| / |reference| <= 1e-2 (the project's bf16 tolerance, STYLE.md);
+the line says which held. A kernel bug (a wrong gradient, a dropped mask across packed segments)
+shows as a gap that grows over the steps far past both.
+
+Output ($OUT, flat, 3 files): loss_parity.json (per-step losses of the three runs, differences,
+verdict, environment), loss_parity.png (both curves, and |auto - reference| beside the yardstick;
+skipped if matplotlib is missing), loss_parity.log. --results-md FILE appends a dated section.
+
+    python3 bench/loss_parity.py                       # GPU, qwen2.5-1.5b, 2 x 2048, 50 steps, ~6 min
+    python3 bench/loss_parity.py --model qwen2.5-7b --batch 1
+    python3 bench/loss_parity.py --smoke               # CPU, tiny qwen2, 512 tokens, 20 steps, < 2 min
+    python3 bench/loss_parity.py --from-json $OUT/loss_parity.json --results-md bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.e2e import SHAPES, Log, run_streaming  # noqa: E402  (e2e imports no jax at module level)
+
+DATA_PATH = REPO / "examples" / "data" / "reasoning.jsonl"
+DATA_YAML = REPO / "examples" / "quickstart.yaml"
+RUNS = {  # name: (FASTFT_KERNELS, re-round the base weights)
+    "auto": (None, False),
+    "reference": ("reference", False),
+    "rerounded": ("reference", True),
+}
+LORA_RANK, LORA_ALPHA, SEED = 16, 16.0, 3407
+RELATIVE_BOUND = 1e-2
+REROUND_RELATIVE = 2.0**-8
+
+
+# ==================================================================================================
+# Children: the checkpoint writer and one training run. Only they import jax / torch.
+
+
+def build_checkpoint(model: str, out_dir: Path, smoke: bool) -> None:
+    from convert.tiny import write_tiny_checkpoint
+
+    if smoke:
+        write_tiny_checkpoint(out_dir, arch="qwen2", size="tiny", seed=SEED, dtype="bfloat16", force=True)
+        return
+    shape = dict(SHAPES[model])
+    arch = shape.pop("arch")
+    tie = shape.pop("tie_word_embeddings")
+    # The tokenizer is convert.tiny's (about 500 ids); the embedding keeps the real vocabulary size.
+    write_tiny_checkpoint(out_dir, arch=arch, size="tiny", seed=SEED, dtype="bfloat16", force=True,
+                          tie_word_embeddings=tie, **shape)
+
+
+def reround_base(model, seed: int) -> None:
+    """Every floating base matrix w -> bf16(float32(w) * (1 + d)), d ~ U[-2^-8, 2^-8] (docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastft_jax.trainer import set_variables
+
+    @jax.jit
+    def reround(leaf, key):
+        factor = 1.0 + jax.random.uniform(key, leaf.shape, jnp.float32, -REROUND_RELATIVE, REROUND_RELATIVE)
+        return (leaf.astype(jnp.float32) * factor).astype(leaf.dtype)
+
+    base = model.base_params()
+    leaves, treedef = jax.tree.flatten(base)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    changed, total = 0, 0
+    new_leaves = []
+    for leaf, key in zip(leaves, keys):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2:
+            new = reround(leaf, key)
+            changed += int(jnp.sum(new != leaf))
+            total += leaf.size
+            leaf = new
+        new_leaves.append(leaf)
+    set_variables(model.base, jax.tree.unflatten(treedef, new_leaves))
+    print(f"rerounded: {changed:,} of {total:,} base matrix elements moved by one bf16 ulp "
+          f"({100.0 * changed / max(total, 1):.1f} %)", flush=True)
+
+
+def run_training(spec: dict, result: dict) -> None:
+    import jax
+    import yaml
+
+    from fastft_jax import ops
+    from fastft_jax.api import FastLanguageModel
+    from fastft_jax.data import DataConfig
+    from fastft_jax.trainer import SFTTrainer, TrainingArguments
+
+    device = jax.devices()[0]
+    result.update(device_kind=device.device_kind, platform=device.platform, jax_version=jax.__version__)
+    ops_config = ops.OpsConfig.from_env()
+    start = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(spec["ckpt_dir"], max_seq_length=spec["seq"],
+                                                         dtype="bfloat16", kernels=ops_config)
+    if spec["reround"]:
+        reround_base(model, spec["seed"] + 1)
+    model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                             use_gradient_checkpointing="unsloth", random_state=spec["seed"])
+    result["load_s"] = round(time.perf_counter() - start, 1)
+    data_section = dict(yaml.safe_load(DATA_YAML.read_text())["data"])
+    data_section.update(path=str(DATA_PATH), packing=True, max_seq_length=spec["seq"])
+    data_config = DataConfig.from_dict(data_section, where=f"{DATA_YAML}: data")
+    args = TrainingArguments(
+        output_dir=spec["run_dir"], overwrite_output_dir=True, per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=5,
+        lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+        seed=spec["seed"], bf16=True, plot_loss=False)
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer, args=args, data_config=data_config)
+    result["ops_resolved"] = model.ops_config.describe(packed_rows=True)
+    result["data"] = str(trainer.train_data.stats)
+    start = time.perf_counter()
+    output = trainer.train()
+    result["train_s"] = round(time.perf_counter() - start, 1)
+    records = [json.loads(line) for line in (Path(spec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "loss" in record]
+    result.update(losses=[record["loss"] for record in steps], grad_norms=[record["grad_norm"] for record in steps],
+                  epochs=steps[-1]["epoch"] if steps else None, global_step=output.global_step,
+                  peak_memory_gib=steps[-1].get("peak_memory_gib") if steps else None)
+    result["ok"] = len(steps) == spec["steps"] and all(math.isfinite(loss) for loss in result["losses"])
+    if not result["ok"]:
+        result["error"] = f"{len(steps)} logged steps of {spec['steps']}, losses {result['losses'][:5]}..."
+
+
+def child_main(spec_path: str, result_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = {"run": spec.get("run"), "ok": False}
+    start = time.time()
+    try:
+        if spec["kind"] == "checkpoint":
+            build_checkpoint(spec["model"], Path(spec["ckpt_dir"]), spec["smoke"])
+            result["ok"] = True
+        else:
+            run_training(spec, result)
+    except BaseException as err:  # noqa: BLE001 - a failure is a result too
+        result.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
+        print(traceback.format_exc()[-6000:], file=sys.stderr, flush=True)
+    result["wall_s"] = round(time.time() - start, 1)
+    Path(result_path).write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+# ==================================================================================================
+# Parent: checkpoint, three runs, comparison, report. It never imports jax.
+
+
+def child(args, spec: dict, label: str, env_kernels: str | None, log: Log, timeout: float) -> dict:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = work / f"{label}.spec.json", work / f"{label}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("FASTFT_KERNELS", None)
+    if env_kernels:
+        env["FASTFT_KERNELS"] = env_kernels
+    if args.smoke:
+        env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(spec_path), str(result_path)]
+    code, tail, seconds, timed_out = run_streaming(cmd, label, timeout, env, log)
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {
+        "run": label, "ok": False, "error": f"timeout after {seconds:.0f} s" if timed_out else f"rc={code}, no result"}
+    if not result.get("ok"):
+        result["log_tail"] = "\n".join(tail[-20:])
+    result["process_s"] = round(seconds, 1)
+    return result
+
+
+def compare(runs: dict) -> dict:
+    reference = runs["reference"]["losses"]
+    steps = len(reference)
+
+    def gap(name: str) -> dict | None:
+        losses = runs.get(name, {}).get("losses")
+        if not losses or len(losses) != steps:
+            return None
+        diffs = [abs(a - b) for a, b in zip(losses, reference)]
+        relative = [d / max(abs(r), 1e-12) for d, r in zip(diffs, reference)]
+        worst = max(range(steps), key=diffs.__getitem__)
+        return {"abs": diffs, "max_abs": max(diffs), "mean_abs": sum(diffs) / steps, "max_abs_step": worst + 1,
+                "max_rel": max(relative), "first_step_abs": diffs[0], "last_step_abs": diffs[-1]}
+
+    kernels, yardstick = gap("auto"), gap("rerounded")
+    verdict = {"pass": False, "criterion": None}
+    if kernels is not None:
+        within_yardstick = yardstick is not None and kernels["max_abs"] <= yardstick["max_abs"]
+        within_bound = kernels["max_rel"] <= RELATIVE_BOUND
+        verdict = {"pass": within_yardstick or within_bound, "within_yardstick": within_yardstick,
+                   "within_relative_bound": within_bound,
+                   "criterion": "yardstick" if within_yardstick else ("1e-2 relative" if within_bound else None)}
+    return {"auto_vs_reference": kernels, "rerounded_vs_reference": yardstick, "verdict": verdict}
+
+
+def verdict_line(summary: dict) -> str:
+    comparison = summary.get("comparison") or {}
+    kernels, yardstick = comparison.get("auto_vs_reference"), comparison.get("rerounded_vs_reference")
+    if kernels is None:
+        return "FAIL: the auto or the reference run did not finish (see the runs' errors)"
+    verdict = comparison["verdict"]
+    yard = (f"yardstick max {yardstick['max_abs']:.4g} (mean {yardstick['mean_abs']:.4g})" if yardstick
+            else "no yardstick (rerounded run failed)")
+    held = f" [{verdict['criterion']} held]" if verdict["pass"] else ""
+    return (f"{'PASS' if verdict['pass'] else 'FAIL'}{held}: max |auto - reference| {kernels['max_abs']:.4g} "
+            f"(step {kernels['max_abs_step']}, mean {kernels['mean_abs']:.4g}, max relative {kernels['max_rel']:.3g}) "
+            f"vs {yard}, bound {RELATIVE_BOUND:g} relative")
+
+
+def table(summary: dict) -> str:
+    runs = summary["runs"]
+    comparison = summary.get("comparison") or {}
+    kernels = (comparison.get("auto_vs_reference") or {}).get("abs")
+    yardstick = (comparison.get("rerounded_vs_reference") or {}).get("abs")
+    reference = runs.get("reference", {}).get("losses") or []
+
+    def cell(values, index, spec=".5f"):
+        return format(values[index], spec) if values and index < len(values) else "–"
+
+    lines = ["| step | reference | auto | rerounded | |auto-ref| | |rerounded-ref| |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for index in range(len(reference)):
+        lines.append("| " + " | ".join([str(index + 1), cell(reference, index), cell(runs["auto"].get("losses"), index),
+                                         cell(runs["rerounded"].get("losses"), index), cell(kernels, index, ".2e"),
+                                         cell(yardstick, index, ".2e")]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(summary: dict) -> str:
+    env, args = summary["environment"], summary["args"]
+    auto = summary["runs"].get("auto", {})
+    card = auto.get("device_kind") or summary["runs"].get("reference", {}).get("device_kind") or "?"
+    kernels = ", ".join(f"{op}={impl}" for op, impl in (auto.get("ops_resolved") or {}).items())
+    failures = [f"{name}: {run.get('error', '')[:200]}" for name, run in summary["runs"].items() if not run.get("ok")]
+    lines = [
+        f"## loss parity {env['date_utc'][:16].replace('T', ' ')} UTC — {card}",
+        "",
+        f"jax {auto.get('jax_version') or env.get('jax', '?')}; commit {env.get('commit') or '?'}; "
+        f"`python3 bench/loss_parity.py {' '.join(env.get('argv', []))}`",
+        "",
+        f"{args['model']} shape, random bf16 weights (convert.tiny), LoRA r={LORA_RANK} on all 7 projections, "
+        f"{args['steps']} steps of {args['batch']} x {args['seq']} packed tokens of examples/data/reasoning.jsonl "
+        f"(quickstart template), lr {args['lr']}, seed {SEED}. auto kernels: {kernels or '?'}. Yardstick: the "
+        f"reference run with every base weight re-rounded within one bf16 ulp (module docstring).",
+        "",
+        f"**{verdict_line(summary)}**",
+        "",
+    ]
+    if failures:
+        lines += ["Failed runs: " + "; ".join(failures), ""]
+    for step_block in (table(summary),):
+        lines += ["<details><summary>per-step losses</summary>", "", step_block, "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed; no plot"
+    runs, comparison = summary["runs"], summary.get("comparison") or {}
+    if not any(run.get("losses") for run in runs.values()):
+        return "no run finished; no plot"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=120, sharex=True)
+    for name, style in (("reference", dict(color="black", linewidth=2.2)), ("auto", dict(color="tab:red", linestyle="--")),
+                        ("rerounded", dict(color="tab:blue", linestyle=":", alpha=0.8))):
+        losses = runs.get(name, {}).get("losses")
+        if losses:
+            top.plot(range(1, len(losses) + 1), losses, label=name, **style)
+    top.set_ylabel("training loss")
+    top.set_title(f"{summary['args']['model']}: kernels (auto) vs reference, {summary['args']['batch']} x "
+                  f"{summary['args']['seq']} packed")
+    top.grid(alpha=0.3)
+    top.legend()
+    for key, label, color in (("auto_vs_reference", "|auto - reference|", "tab:red"),
+                              ("rerounded_vs_reference", "|rerounded - reference| (bf16 yardstick)", "tab:blue")):
+        gap = comparison.get(key)
+        if gap:
+            bottom.plot(range(1, len(gap["abs"]) + 1), [max(d, 1e-9) for d in gap["abs"]], label=label, color=color,
+                        marker="o", markersize=2.5)
+    reference = runs.get("reference", {}).get("losses")
+    if reference:
+        bottom.plot(range(1, len(reference) + 1), [RELATIVE_BOUND * abs(r) for r in reference], color="gray",
+                    linestyle="--", label=f"{RELATIVE_BOUND:g} x |reference|")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("absolute loss difference (0 drawn at 1e-9)")
+    bottom.set_title(verdict_line(summary).split(":")[0], loc="left")
+    bottom.grid(alpha=0.3, which="both")
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
+
+
+def environment(argv: list[str]) -> dict:
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(), "python": platform.python_version(),
+           "argv": argv, "host": platform.node()}
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    try:
+        env["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        env["gpu"] = None
+    return env
+
+
+def report(summary: dict, args, log: Log) -> None:
+    text = markdown(summary)
+    log("\n" + table(summary))
+    log("\n" + verdict_line(summary))
+    if args.results_md:
+        path = Path(args.results_md)
+        if not path.exists():
+            path.write_text("# Benchmark results\n")
+        with open(path, "a") as handle:
+            handle.write("\n" + text)
+        log(f"appended to {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    if args.from_json:
+        summary = json.loads(Path(args.from_json).read_text())
+        report(summary, args, Log(Path(os.devnull)))
+        return 0 if summary["comparison"]["verdict"]["pass"] else 1
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "loss_parity.log"
+    log_path.unlink(missing_ok=True)
+    log = Log(log_path)
+    started = time.time()
+    summary = {"args": {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "lr", "smoke")},
+               "environment": environment(sys.argv[1:]), "runs": {}}
+
+    ckpt_dir = Path(args.ckpt_root) / ("tiny-qwen2" if args.smoke else args.model)
+    if not (ckpt_dir / "config.json").is_file():
+        log(f"== writing the checkpoint {ckpt_dir}")
+        built = child(args, {"kind": "checkpoint", "model": args.model, "ckpt_dir": str(ckpt_dir),
+                             "smoke": args.smoke}, "checkpoint", None, log, args.deadline)
+        if not built.get("ok"):
+            log(f"checkpoint failed: {built.get('error')}\n{built.get('log_tail', '')}")
+            return 1
+        summary["checkpoint_s"] = built["wall_s"]
+    for name, (kernels, reround) in RUNS.items():
+        left = args.deadline - (time.time() - started)
+        if left < 30:
+            summary["runs"][name] = {"run": name, "ok": False, "error": f"skipped: --deadline {args.deadline:.0f} s reached"}
+            continue
+        run_dir = Path(args.work_dir) / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        spec = {"kind": "train", "run": name, "ckpt_dir": str(ckpt_dir), "run_dir": str(run_dir), "seq": args.seq,
+                "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": SEED, "reround": reround}
+        log(f"== run {name}: FASTFT_KERNELS={kernels or '(unset)'}{', base re-rounded' if reround else ''} "
+            f"({left:.0f} s left)")
+        result = child(args, spec, name, kernels, log, left)
+        summary["runs"][name] = result
+        log(f"== {name}: " + (f"{result['train_s']} s training, loss {result['losses'][0]:.4f} -> "
+                              f"{result['losses'][-1]:.4f}" if result.get("ok") else f"FAILED {result.get('error')}"))
+    if summary["runs"].get("reference", {}).get("ok"):
+        summary["comparison"] = compare(summary["runs"])
+    summary["total_s"] = round(time.time() - started, 1)
+    note = plot(summary, out_dir / "loss_parity.png")
+    if note:
+        log(note)
+    (out_dir / "loss_parity.json").write_text(json.dumps(summary, indent=1))
+    report(summary, args, log)
+    log(f"results: {out_dir}/loss_parity.json, loss_parity.png; total {summary['total_s']} s")
+    return 0 if (summary.get("comparison") or {}).get("verdict", {}).get("pass") else 1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-1.5b", choices=[m for m in SHAPES if not m.startswith("tiny")])
+    parser.add_argument("--batch", type=int, default=2, help="packed rows per step")
+    parser.add_argument("--seq", type=int, default=2048, help="max_seq_length (tokens per packed row)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--ckpt-root", default="/tmp/loss_parity_ckpt", help="checkpoints live in ROOT/<model>")
+    parser.add_argument("--work-dir", default="/tmp/loss_parity_work", help="the runs' output_dir and metrics.jsonl")
+    parser.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole call; later runs skipped")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/loss_parity"))
+    parser.add_argument("--results-md", default=None, help="append the dated section to this file (bench/RESULTS.md)")
+    parser.add_argument("--from-json", default=None, help="report a finished run's loss_parity.json instead of running")
+    parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny qwen2, 512 tokens")
+    parser.add_argument("--_child", dest="child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in (("seq", 512), ("steps", 20), ("lr", 3e-3), ("deadline", 110.0)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        args.model = "tiny-qwen2"
+        if args.out == parser.get_default("out"):
+            args.out = "/tmp/loss_parity_smoke"
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = "/tmp/loss_parity_smoke_work"
+    if args.steps < 1 or args.batch < 1 or args.seq < 16:
+        parser.error("need --steps >= 1, --batch >= 1, --seq >= 16")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
