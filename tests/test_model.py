@@ -168,3 +168,53 @@ def test_error_tensor_shape_mismatch(tiny_checkpoints, tmp_path):
 def test_error_unknown_dtype(tiny_checkpoints):
     with pytest.raises(ConfigError, match="'float8'"):
         FastLanguageModel.from_pretrained(tiny_checkpoints["llama"], dtype="float8")
+
+
+
+def test_checkpointing_modes_keep_what_they_promise():
+    """The modes differ in what the backward keeps, which equal losses (test_trainer) cannot show.
+    Sum the residuals the layer scan stacks for the backward: True keeps only each layer's input;
+    "selective" adds the projection outputs but down_proj's, and attention's output; False keeps
+    more still (the elementwise intermediates too)."""
+    import contextlib
+    import dataclasses
+    import io
+    import math
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from convert.hf import PROJECTIONS, ModelConfig
+    from fastft_jax import ops
+    from fastft_jax.lora import LoRAConfig, init_lora_params
+    from fastft_jax.model import decoder_hidden, random_params
+
+    hidden, kv, intermediate, layers, batch, seq = 256, 128, 704, 2, 2, 16
+    config = ModelConfig("llama", 512, hidden, intermediate, layers, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
+    lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
+    params, lora = random_params(config, 0, jnp.float32), init_lora_params(config, lora_config, 0)
+    input_ids = jnp.zeros((batch, seq), jnp.int32)
+    ops_config = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), mlp_tile_tokens=0)
+
+    def stacked_residual_floats(mode, memory: str = "") -> int:
+        def loss(lora, params, input_ids):
+            return jnp.sum(decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
+                                          ops_config=ops_config, compute_dtype=jnp.float32, gradient_checkpointing=mode))
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(loss, lora, params, input_ids)
+        # Stacked per layer: [layers, batch, seq, ...] (the scan's final carry is no per-layer residual).
+        shapes = re.findall(rf"f32{memory}\[({layers},{batch},{seq},[\d,]+)\] output of scan", printed.getvalue())
+        return sum(math.prod(int(dim) for dim in shape.split(",")) for shape in shapes)
+
+    # "selective": the layer input, q, k, v, attention's output, o, gate and up.
+    per_token_layer = {True: hidden, "selective": hidden + hidden + 2 * kv + hidden + hidden + 2 * intermediate}
+    for mode, floats in per_token_layer.items():
+        assert stacked_residual_floats(mode) == floats * batch * seq * layers, mode
+    assert stacked_residual_floats(False) > per_token_layer["selective"] * batch * seq * layers
+    from fastft_jax.model import has_pinned_host
+
+    if has_pinned_host():  # "unsloth": the layer inputs live in host memory, nothing stacked on the device
+        assert stacked_residual_floats("unsloth") == 0
+        assert stacked_residual_floats("unsloth", "<host>") == hidden * batch * seq * layers
