@@ -806,12 +806,17 @@ def report(summary: dict, args, log: Log) -> None:
     if args.from_json is None:
         (Path(args.out) / "RESULTS_section.md").write_text(text)
     if args.results_md:
-        path = Path(args.results_md)
-        if not path.exists():
-            path.write_text("# Benchmark results\n")
-        with open(path, "a") as handle:
-            handle.write("\n" + text)
-        log(f"appended to {path}")
+        append_results_md(args.results_md, text, log)
+
+
+def append_results_md(results_md: str | Path, text: str, log) -> None:
+    """Append a dated section to a results file (bench/RESULTS.md), creating it if needed."""
+    path = Path(results_md)
+    if not path.exists():
+        path.write_text("# Benchmark results\n")
+    with open(path, "a") as handle:
+        handle.write("\n" + text)
+    log(f"appended to {path}")
 
 
 # ==================================================================================================

@@ -889,12 +889,7 @@ def report(run: dict, args, log) -> None:
     if args.from_json is None:
         (Path(args.out) / "long_context.md").write_text(text)
     if args.results_md:
-        path = Path(args.results_md)
-        if not path.exists():
-            path.write_text("# Benchmark results\n")
-        with open(path, "a") as handle:
-            handle.write("\n" + text)
-        log(f"appended to {path}")
+        e2e.append_results_md(args.results_md, text, log)
 
 
 # ==================================================================================================

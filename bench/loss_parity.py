@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.e2e import SHAPES, Log, run_streaming  # noqa: E402  (e2e imports no jax at module level)
+from bench.e2e import SHAPES, Log, append_results_md, run_streaming  # noqa: E402  (e2e imports no jax at module level)
 
 DATA_PATH = REPO / "examples" / "data" / "reasoning.jsonl"
 DATA_YAML = REPO / "examples" / "quickstart.yaml"
@@ -362,12 +362,7 @@ def report(summary: dict, args, log: Log) -> None:
     log("\n" + table(summary))
     log("\n" + verdict_line(summary))
     if args.results_md:
-        path = Path(args.results_md)
-        if not path.exists():
-            path.write_text("# Benchmark results\n")
-        with open(path, "a") as handle:
-            handle.write("\n" + text)
-        log(f"appended to {path}")
+        append_results_md(args.results_md, text, log)
 
 
 def main(argv=None) -> int:
