@@ -803,10 +803,7 @@ def max_seq_length_that_fits(memory_limit: int | str, config: ModelConfig, *, ma
                              base_params: Any = None, **plan_args: Any) -> int:
     """The largest max_seq_length (at the given batch) whose predicted peak fits memory_limit, by
     search over the formula; 0 when not even one token fits."""
-    limit = parse_memory_size(memory_limit)
-    plan_args.pop("source", None)
-    spec = _make_spec(config, **_spec_args(plan_args))
-    weights = weight_bytes_of_tree(base_params) if base_params is not None else weight_bytes(config, spec.dtype, spec.quantization)
+    limit, spec, weights = _search_inputs(memory_limit, config, base_params, plan_args)
     return _largest(lambda n: _fits_with(spec, weights, limit, max_seq_length=n), max_length,
                     _tiling_break(spec, spec.batch_size))
 
@@ -814,12 +811,19 @@ def max_seq_length_that_fits(memory_limit: int | str, config: ModelConfig, *, ma
 def max_batch_size_that_fits(memory_limit: int | str, config: ModelConfig, *, max_batch: int = 1 << 16,
                              base_params: Any = None, **plan_args: Any) -> int:
     """The largest per-device batch (at the given max_seq_length) whose predicted peak fits."""
+    limit, spec, weights = _search_inputs(memory_limit, config, base_params, plan_args)
+    return _largest(lambda n: _fits_with(spec, weights, limit, batch_size=n), max_batch,
+                    _tiling_break(spec, spec.max_seq_length))
+
+
+def _search_inputs(memory_limit: int | str, config: ModelConfig, base_params: Any, plan_args: dict[str, Any]):
+    """(limit in bytes, the run's spec, its weight bytes): what both searches start from. The searches
+    always use the formula, so a `source` among plan_args is dropped."""
     limit = parse_memory_size(memory_limit)
     plan_args.pop("source", None)
     spec = _make_spec(config, **_spec_args(plan_args))
     weights = weight_bytes_of_tree(base_params) if base_params is not None else weight_bytes(config, spec.dtype, spec.quantization)
-    return _largest(lambda n: _fits_with(spec, weights, limit, batch_size=n), max_batch,
-                    _tiling_break(spec, spec.max_seq_length))
+    return limit, spec, weights
 
 
 def _spec_args(plan_args: Mapping[str, Any]) -> dict[str, Any]:
