@@ -10,18 +10,52 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def chained(fn, calls: int):
+    """One jitted program that runs fn `calls` times in sequence and returns the last output.
+
+    Each call's inputs pass through an optimization_barrier together with the previous call's
+    output, so XLA can neither merge the identical calls nor hoist them, and the device runs them
+    back to back with no host dispatch in between; intermediate outputs die as soon as the next
+    call starts."""
+
+    def run(*args):
+        out = fn(*args)
+        for _ in range(calls - 1):
+            args, _ = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+
+    return jax.jit(run)
+
+
+# Below this many ms per call, host dispatch (~20-50 µs per jitted call) rather than the device
+# can set the pace of back-to-back calls, so time_ms times a chain of calls in one program instead.
+_CHAIN_BELOW_MS = 0.3
+
+
 def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> float:
     """Median device milliseconds per call of fn(*args), compilation excluded.
 
     Each sample launches enough calls back to back (jax dispatches asynchronously) to fill
     min_sample_ms and blocks once at the end, so a sub-millisecond kernel is not charged the ~50 µs
     of Python dispatch and host synchronisation that a block per call would add. The device runs
-    the calls in order, so the last one finishing means every one has."""
+    the calls in order, so the last one finishing means every one has. A call shorter than
+    _CHAIN_BELOW_MS is timed as a chain of calls inside one program (chained), so that even a
+    few-microsecond kernel is not paced by the host's dispatch."""
     for _ in range(max(warmup, 1)):
         jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     single_ms = 1e3 * (time.perf_counter() - start)
+    chain = 1
+    if single_ms < _CHAIN_BELOW_MS:
+        chain = 32
+        fn = chained(fn, chain)
+        for _ in range(max(warmup, 1)):
+            jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        single_ms = 1e3 * (time.perf_counter() - start)
     calls_per_sample = int(min(200, max(1, min_sample_ms // max(single_ms, 1e-3))))
     samples = []
     for _ in range(iters):
@@ -29,7 +63,7 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> f
         for _ in range(calls_per_sample):
             out = fn(*args)  # rebinding drops the previous output, so memory stays one call's worth
         jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls_per_sample)
+        samples.append((time.perf_counter() - start) / calls_per_sample / chain)
     return 1e3 * statistics.median(samples)
 
 
