@@ -19,11 +19,13 @@ for part in $parts; do
         tests/test_rms_norm.py tests/test_swiglu.py tests/test_rope.py tests/test_lora_linear.py \
         tests/test_cross_entropy.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
     memory) timeout 200 python3 bench/kernels_memory_bound.py --no-sweep --iters 30 2>&1 | tail -40 | tee "$OUT/memory_bound.log" ;;
-    memory-sweep) timeout 240 python3 bench/kernels_memory_bound.py --iters 20 2>&1 | tail -80 | tee "$OUT/memory_bound.log" ;;
+    memory-sweep) timeout 200 python3 bench/kernels_memory_bound.py --iters 20 --models llama3-8b --ops rms_norm,rope_qk \
+      2>&1 | tee "$OUT/memory_sweep.log" ;;
     dequant)
       # NF4 dequant kernel against XLA, and bit-parity with bitsandbytes' own CUDA quantizer.
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/wheels/bitsandbytes-*.whl
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout 120 python3 bench/qlora.py --skip-step --iters 30 2>&1 | tail -40 | tee "$OUT/dequant.log" ;;
+      PYTHONPATH=/tmp/site:$PYTHONPATH timeout 180 python3 bench/qlora.py --skip-step --sweep --iters 20 --out "$OUT" \
+        2>&1 | tee "$OUT/dequant.log" ;;
     decode) timeout 200 python3 bench/decode.py --batches 1,32 --variants lora --decode-matmul pallas,reference \
       --budget 190 2>&1 | tail -30 | tee "$OUT/decode.log" ;;
     matmul) timeout 240 python3 bench/kernels_matmul.py --no-sweep --no-peak --iters 15 2>&1 | tail -40 | tee "$OUT/matmul.log" ;;

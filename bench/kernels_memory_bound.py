@@ -197,13 +197,13 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
 
 # Block settings the sweep tries, per kernel module: (module, attribute, values).
 SWEEPS = {
-    "rms_norm": [(rms_norm_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192)),
-                 (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048)),
+    "rms_norm": [(rms_norm_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384)),
+                 (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048, 4096)),
                  (rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
-    "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384)),
-                (rope_module, "_ELEMENTS_PER_THREAD", (4, 8, 16, 32))],
+    "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (4096, 8192, 16384, 32768)),
+                (rope_module, "_ELEMENTS_PER_THREAD", (8, 16, 32))],
 }
 
 
@@ -224,6 +224,7 @@ def sweep_case(case: Case, cotangent, warmup: int, iters: int) -> list[dict[str,
                 )
                 rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
                              "default": value == default, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
+                print_sweep({"sweep": rows[-1:]}, header=False)  # as it goes: a cut-short run keeps it
         except Exception as error:  # a setting that does not compile is a finding, not a crash
             rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
                          "error": f"{type(error).__name__}: {error}"[:500]})
@@ -240,6 +241,10 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--models", default=",".join(MODELS), type=lambda text: text.split(","),
+                        help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--ops", default=None, type=lambda text: text.split(","),
+                        help="comma-separated subset of the ops (rms_norm, rms_norm_residual, swiglu, rope_qk)")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy-bandwidth array")
     args = parser.parse_args()
 
@@ -261,8 +266,10 @@ def main() -> None:
                   "of back-to-back calls filling >= 5 ms (bench/timing.py)",
         "checks": [], "rows": [], "sweep": [], "failures": [],
     }
-    for model in MODELS:
+    for model in args.models:
         for case in make_cases(model, args.batch, args.seq, rng):
+            if args.ops and case.op not in args.ops:
+                continue
             label = f"{case.op} {model} {case.shape}"
             try:
                 cotangent = random_cotangent(case, rng)
@@ -286,9 +293,9 @@ def main() -> None:
 
     # The sweep comes last, so that a run cut short by a time limit still has the table above.
     if not args.no_sweep:
-        for model in MODELS:
+        for model in args.models:
             for case in make_cases(model, args.batch, args.seq, rng):
-                if case.op in SWEEPS:
+                if case.op in SWEEPS and (not args.ops or case.op in args.ops):
                     results["sweep"] += sweep_case(case, random_cotangent(case, rng), args.warmup,
                                                    max(10, args.iters // 2))
         print_sweep(results)
@@ -308,8 +315,9 @@ def print_table(results: dict[str, Any]) -> None:
           f"float32 reference; failures: {len(results['failures'])}", flush=True)
 
 
-def print_sweep(results: dict[str, Any]) -> None:
-    print("\nblock-size sweep (kernel only; * = current default)")
+def print_sweep(results: dict[str, Any], header: bool = True) -> None:
+    if header:
+        print("\nblock-size sweep (kernel only; * = current default)")
     for row in results["sweep"]:
         if "error" in row:
             print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s} ERROR {row['error'][:120]}")

@@ -100,6 +100,39 @@ def bench_dequant(shapes: dict, iters: int) -> list[dict]:
     return rows
 
 
+def sweep_dequant(shapes: dict, iters: int) -> list[dict]:
+    """The dequant kernel's time at other block sizes and warp counts, printed as it goes."""
+    import jax
+    import jax.numpy as jnp
+
+    from convert import quant
+    from pallas_kernels import nf4
+
+    code_book = tuple(quant.NF4_CODE.tolist())
+    rows = []
+    by_size = sorted(shapes.items(), key=lambda item: item[1][0] * item[1][1])
+    for label, (n_out, k) in (by_size[0], by_size[-1]):  # the smallest and the largest weight
+        kernel = quant.quantize_nf4(jax.random.normal(jax.random.PRNGKey(1), (n_out, k), jnp.bfloat16))
+        absmax = jax.block_until_ready(quant.block_absmax(kernel))
+        n, moved = n_out * k, n_out * k // 2 + 4 * (n_out * k // 64) + 2 * n_out * k
+        default = nf4._choose_dequant_blocks(n // 64, 64)
+        for block_rows in (32, 64, 128, 256, 512):
+            for num_warps in (2, 4, 8):
+                blocks = nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps)
+                fn = jax.jit(lambda codes, absmax, blocks=blocks: nf4.dequantize_4bit(
+                    codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=jnp.bfloat16, blocks=blocks))
+                try:
+                    seconds = _median_seconds(fn, kernel.codes, absmax, iters=iters)
+                except Exception as error:  # a setting that does not compile is a finding
+                    rows.append({"shape": label, "block_rows": block_rows, "num_warps": num_warps, "error": str(error)[:300]})
+                    continue
+                rows.append({"shape": label, "block_rows": block_rows, "num_warps": num_warps,
+                             "default": blocks == default, "us": round(1e6 * seconds, 1),
+                             "gbs": round(moved / seconds / 1e9, 1)})
+                print(f"dequant sweep {rows[-1]}", flush=True)
+    return rows
+
+
 def bench_fused(shapes: dict, row_counts: tuple[int, ...], iters: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -316,6 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--step-timeout", type=float, default=300.0)
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the dequant kernel at other block sizes")
     parser.add_argument("--ops", type=e2e_ops, default={}, help="per-op overrides of the step, e.g. mlp_tile_tokens=2048")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, interpret-mode kernels")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/fastft_qlora"))
@@ -355,8 +389,12 @@ def main(argv=None) -> int:
     results["dequant"] = bench_dequant(shapes, args.iters)
     results["fused"] = bench_fused(shapes, (1, 4, 16), args.iters)
     results["bitsandbytes_parity"] = bench_bitsandbytes_parity(shapes, "cpu" if args.smoke else "cuda")
+    print(f"bitsandbytes parity: {results['bitsandbytes_parity']}", flush=True)
     (out_dir / "qlora.json").write_text(json.dumps(results, indent=1))
-    print("\n" + table(results))
+    print("\n" + table(results), flush=True)
+    if args.sweep:
+        results["dequant_sweep"] = sweep_dequant(shapes, args.iters)
+        (out_dir / "qlora.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
