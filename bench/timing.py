@@ -10,27 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def chained(fn, calls: int):
-    """One jitted program that runs fn `calls` times in sequence and returns the last output.
+def replicated(fn, args: tuple, max_calls: int = 32, max_bytes: float = 8 * 2**30):
+    """(program, inputs): one jitted program that runs fn on each of several copies of args.
 
-    Each call's inputs pass through an optimization_barrier together with the previous call's
-    output, so XLA can neither merge the identical calls nor hoist them, and the device runs them
-    back to back with no host dispatch in between; intermediate outputs die as soon as the next
-    call starts."""
-
-    def run(*args):
-        out = fn(*args)
-        for _ in range(calls - 1):
-            args, _ = jax.lax.optimization_barrier((args, out))
-            out = fn(*args)
-        return out
-
-    return jax.jit(run)
+    Identical calls inside one program get merged by XLA (an optimization_barrier between them is
+    removed first), so each call reads its own copy of the inputs and every output is returned
+    (a slice of an output would let XLA compute only that slice). The number of copies keeps
+    inputs plus outputs under max_bytes. Returns the program, its inputs and the number of calls."""
+    out_shapes = jax.eval_shape(fn, *args)
+    per_call = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves((args, out_shapes)))
+    calls = int(max(2, min(max_calls, max_bytes // max(per_call, 1))))
+    copies = [jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a, args)
+              for _ in range(calls)]
+    program = jax.jit(lambda all_args: [fn(*call_args) for call_args in all_args])
+    return program, (copies,), calls
 
 
 # Below this many ms per call, host dispatch (~20-50 µs per jitted call) rather than the device
-# can set the pace of back-to-back calls, so time_ms times a chain of calls in one program instead.
-_CHAIN_BELOW_MS = 0.3
+# can set the pace of back-to-back calls, so time_ms times several calls inside one program instead.
+_REPLICATE_BELOW_MS = 0.3
 
 
 def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> float:
@@ -40,17 +38,16 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> f
     min_sample_ms and blocks once at the end, so a sub-millisecond kernel is not charged the ~50 µs
     of Python dispatch and host synchronisation that a block per call would add. The device runs
     the calls in order, so the last one finishing means every one has. A call shorter than
-    _CHAIN_BELOW_MS is timed as a chain of calls inside one program (chained), so that even a
-    few-microsecond kernel is not paced by the host's dispatch."""
+    _REPLICATE_BELOW_MS is timed as many calls on separate input copies inside one program
+    (replicated), so that even a few-microsecond kernel is not paced by the host's dispatch."""
     for _ in range(max(warmup, 1)):
         jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     single_ms = 1e3 * (time.perf_counter() - start)
-    chain = 1
-    if single_ms < _CHAIN_BELOW_MS:
-        chain = 32
-        fn = chained(fn, chain)
+    calls_per_program = 1
+    if single_ms < _REPLICATE_BELOW_MS:
+        fn, args, calls_per_program = replicated(fn, args)
         for _ in range(max(warmup, 1)):
             jax.block_until_ready(fn(*args))
         start = time.perf_counter()
@@ -63,7 +60,7 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 5.0) -> f
         for _ in range(calls_per_sample):
             out = fn(*args)  # rebinding drops the previous output, so memory stays one call's worth
         jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls_per_sample / chain)
+        samples.append((time.perf_counter() - start) / calls_per_sample / calls_per_program)
     return 1e3 * statistics.median(samples)
 
 

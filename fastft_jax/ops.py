@@ -274,9 +274,18 @@ def quantized_linear(
     return _quantized_linear_2d(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
 
 
+def _after(kernel: quant.QuantizedKernel, ready: Array) -> tuple[quant.QuantizedKernel, Array]:
+    """(kernel, ready) through one optimization_barrier: the dequantization that reads the kernel
+    cannot be scheduled before the GEMM input it feeds exists, so a layer's 16-bit weights are not
+    all alive at once (XLA may otherwise start every projection's dequantization at the top of the
+    layer). The caller must use both results: XLA drops a barrier operand whose result is unused."""
+    return jax.lax.optimization_barrier((kernel, ready))
+
+
 def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
     dtype = x2d.dtype
+    kernel, x2d = _after(kernel, x2d)
     x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
         out = lora_linear_kernels.base_plus_low_rank(x2d, dequantize(kernel, dtype, cfg), x_a, b.astype(dtype), scale)
@@ -300,6 +309,7 @@ def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     db = scale * jax.lax.dot_general(x_a, g, contract_rows, preferred_element_type=jnp.float32)
     d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
+    kernel, g = _after(kernel, g)
     weight_t = dequantize(kernel, dtype, cfg).T
     if not separate_dx_lora:
         dx = lora_linear_kernels.base_plus_low_rank(g, weight_t, d_x_a, a.astype(dtype).T, 1.0)

@@ -103,14 +103,16 @@ def _unpack(packed, code_book: tuple[float, ...]):
 @dataclasses.dataclass(frozen=True)
 class DequantBlocks:
     block_rows: int = 64  # quantization blocks per program
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 1
 
 
 def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:
-    # About 8192 elements a program (16 KiB of bf16 out), fewer for small weights.
-    target = max(1, 8192 // blocksize)
-    return DequantBlocks(block_rows=min(next_power_of_2(target), next_power_of_2(blocks)))
+    # About 4096 elements a program (8 KiB of bf16 out) on two warps, fewer for small weights: on an
+    # H200 the [4096, 14336] weight took 74 us so, against 82-88 us at 2048-8192 elements or more
+    # warps (sweep of 2026-11-28, bench/RESULTS.md).
+    target = max(1, 4096 // blocksize)
+    return DequantBlocks(block_rows=min(next_power_of_2(target), next_power_of_2(blocks)), num_warps=2)
 
 
 def _dequant_kernel(codes_ref, absmax_ref, out_ref, *, blocks: int, block_rows: int, code_book):

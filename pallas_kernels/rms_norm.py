@@ -36,9 +36,10 @@ def rms_norm_reference(
 # Elements (rows x padded hidden) one program holds at a time: a 4096-wide row is a block of its
 # own, narrower rows are packed several to a program.
 _BLOCK_ELEMENTS = 4096
-# The backward aims at about this many programs: a few waves over an H100's 132 SMs, few enough
-# that the dweight partial sums stay small.
-_BACKWARD_PROGRAMS = 512
+# The backward aims at about this many programs: about two per SM of an H100/H200's 132, few
+# enough that the dweight partial sums stay small. 256 ran fwd+bwd in 0.208 ms against 0.217-0.221
+# at 512 and 0.244 at 4096 (H200 sweep, bench/RESULTS.md).
+_BACKWARD_PROGRAMS = 256
 # Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
 # copy of the block stays in registers.
 _ELEMENTS_PER_THREAD = 16

@@ -81,9 +81,10 @@ def rope_reference(
 # Elements (tokens x padded heads x padded head_dim, q and k together) a program holds: one token
 # of a 32 + 8 head, 128-dim model is 5k, smaller models get several tokens to a program.
 _BLOCK_ELEMENTS = 4096
-# Elements of the largest half-head load ([tokens, heads, half]) per thread: 16 bf16 values are
-# two 16-byte vector loads.
-_ELEMENTS_PER_THREAD = 16
+# Elements of the largest half-head load ([tokens, heads, half]) per thread. 32 (two warps for a
+# 32-head, 128-dim token): on an H200 (bench/RESULTS.md, sweep of 2026-11-28) fwd+bwd took 0.196 ms
+# at 32 against 0.263 at 16 and 0.343 at 8; more threads per token only add scheduling overhead.
+_ELEMENTS_PER_THREAD = 32
 
 
 def _choose_blocks(tokens: int, heads_pad: tuple[int, ...], half_pad: int) -> tuple[int, int]:
