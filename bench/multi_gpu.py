@@ -104,8 +104,8 @@ def auto_big_layers(device_bytes: int, margin: float = 1.15) -> int:
 
 
 def sharded_random_params(config, mesh, seed: int, dtype):
-    """fastft_jax.model.random_params' scheme (norms 1 + 0.1 N, biases 0.02 N, embedding N,
-    projections N / sqrt(fan_in)), drawn on the devices already split by PARTITION_RULES: each
+    """fastft_jax.model.random_params' scheme (norms 1 + 0.1 N, biases 0.02 N, embedding
+    N / sqrt(hidden), projections N / sqrt(fan_in)), drawn on the devices already split by PARTITION_RULES: each
     stacked leaf starts as sharded zeros and every layer is drawn and written in place by one
     jitted call (donated), so no device holds more than its shard plus one layer's draw."""
     import jax
@@ -129,7 +129,9 @@ def sharded_random_params(config, mesh, seed: int, dtype):
                 values = 1.0 + 0.1 * values
             elif spec.path[-1] == "bias":
                 values = 0.02 * values
-            elif spec.path != ("embed",):
+            elif spec.path == ("embed",):
+                values = values / math.sqrt(spec.shape[-1])
+            else:
                 values = values / math.sqrt(spec.shape[0])
             return values.astype(dtype)
 

@@ -370,7 +370,9 @@ def random_params(config: ModelConfig, seed: int, dtype: Any) -> dict:
         elif spec.path[-1] == "bias":
             leaf = 0.02 * draw
         elif spec.path == ("embed",):
-            leaf = draw
+            # 1/sqrt(hidden) rather than 1: with tied embeddings this matrix is also the head, and
+            # unit entries would give logits of std sqrt(hidden) (a first loss near 400, not ln V).
+            leaf = draw / jnp.sqrt(spec.shape[-1])
         else:
             leaf = draw / jnp.sqrt(spec.shape[0])
         node = tree
