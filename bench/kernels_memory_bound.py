@@ -209,7 +209,8 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
 SWEEPS = {
     "rms_norm": [(rms_norm_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384)),
                  (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048, 4096)),
-                 (rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32))],
+                 (rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32)),
+                 (rms_norm_module, "_BACKWARD_PREFETCH", (False, True))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
     "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (4096, 8192, 16384, 32768)),
@@ -232,8 +233,11 @@ def sweep_case(case: Case, cotangent, warmup: int, iters: int) -> list[dict[str,
                     forward_backward_fn(case.kernel), case.differentiable, case.aux, cotangent,
                     warmup=warmup, iters=iters,
                 )
+                backward, vjp = backward_fn(case.kernel, case.differentiable, case.aux)
+                bwd_ms = time_ms(backward, vjp, cotangent, warmup=warmup, iters=iters)
                 rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
-                             "default": value == default, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
+                             "default": value == default, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+                             "fwd_bwd_ms": fwd_bwd_ms})
                 print_sweep({"sweep": rows[-1:]}, header=False)  # as it goes: a cut-short run keeps it
         except Exception as error:  # a setting that does not compile is a finding, not a crash
             rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
@@ -334,7 +338,8 @@ def print_sweep(results: dict[str, Any], header: bool = True) -> None:
         else:
             mark = "*" if row["default"] else " "
             print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s}{mark} "
-                  f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
+                  f"fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms",
+                  flush=True)
 
 
 def write_json(results: dict[str, Any]) -> None:

@@ -40,6 +40,9 @@ _BLOCK_ELEMENTS = 4096
 # enough that the dweight partial sums stay small. 256 ran fwd+bwd in 0.208 ms against 0.217-0.221
 # at 512 and 0.244 at 4096 (H200 sweep, bench/RESULTS.md).
 _BACKWARD_PROGRAMS = 256
+# Whether a backward program issues the loads of its next rows before reducing the current ones
+# (a hand-pipelined loop). On by default only once a GPU sweep shows it faster (bench/RESULTS.md).
+_BACKWARD_PREFETCH = False
 # Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
 # copy of the block stays in registers.
 _ELEMENTS_PER_THREAD = 16
@@ -111,14 +114,25 @@ def _backward_kernel(*refs, rows: int, hidden: int, rows_per_block: int, has_res
     column_valid = jnp.arange(hidden_pad) < hidden
     weight = pltriton.load(weight_ref, mask=column_valid, other=0.0).astype(jnp.float32)
 
-    def accumulate_block(step, dweight_acc):
+    num_steps = rows_per_program // rows_per_block
+
+    def load_block(step):
+        """x, d_normed (float32) and inv_rms of the step's rows; all masked off past the run."""
         block = pl.ds(step * rows_per_block, rows_per_block)
         mask, row_valid = _block_masks(
             program_first_row + step * rows_per_block, rows_per_block, hidden_pad, rows, hidden
         )
+        in_run = step < num_steps
+        mask, row_valid = mask & in_run, row_valid & in_run
         x = pltriton.load(x_ref.at[block, :], mask=mask, other=0.0).astype(jnp.float32)
         d_normed = pltriton.load(d_normed_ref.at[block, :], mask=mask, other=0.0).astype(jnp.float32)
         inv_rms = pltriton.load(inv_rms_ref.at[block], mask=row_valid, other=0.0)
+        return x, d_normed, inv_rms
+
+    def block_grads(step, x, d_normed, inv_rms):
+        """Stores the step's dx; returns its rows' share of dweight."""
+        block = pl.ds(step * rows_per_block, rows_per_block)
+        mask, _ = _block_masks(program_first_row + step * rows_per_block, rows_per_block, hidden_pad, rows, hidden)
         normed = x * inv_rms[:, None]
         grad_normed = d_normed * weight[None, :]
         mean_grad_dot_normed = jnp.sum(grad_normed * normed, axis=1) / hidden
@@ -126,11 +140,22 @@ def _backward_kernel(*refs, rows: int, hidden: int, rows_per_block: int, has_res
         if has_residual:
             dx = dx + pltriton.load(d_summed_ref.at[block, :], mask=mask, other=0.0).astype(jnp.float32)
         pltriton.store(dx_ref.at[block, :], dx.astype(dx_ref.dtype), mask=mask)
-        return dweight_acc + jnp.sum(d_normed * normed, axis=0)
+        return jnp.sum(d_normed * normed, axis=0)
 
-    dweight = jax.lax.fori_loop(
-        0, rows_per_program // rows_per_block, accumulate_block, jnp.zeros((hidden_pad,), jnp.float32)
-    )
+    zeros = jnp.zeros((hidden_pad,), jnp.float32)
+    if _BACKWARD_PREFETCH:
+        # The next rows' loads are issued before this row's reductions, so their latency overlaps
+        # the arithmetic (a program walks its rows one after another).
+        def prefetching_step(step, carry):
+            dweight_acc, loaded = carry
+            upcoming = load_block(step + 1)
+            return dweight_acc + block_grads(step, *loaded), upcoming
+
+        dweight, _ = jax.lax.fori_loop(0, num_steps, prefetching_step, (zeros, load_block(0)))
+    else:
+        dweight = jax.lax.fori_loop(
+            0, num_steps, lambda step, dweight_acc: dweight_acc + block_grads(step, *load_block(step)), zeros
+        )
     pltriton.store(dweight_partial_ref, dweight[None, :])
 
 

@@ -120,10 +120,13 @@ def test_rms_norm_float32_weight_with_bfloat16_activations():
         assert error <= 1e-2, f"{name}: relative error {error:.3g} > 1e-2 (seed {seed})"
 
 
-def test_rms_norm_backward_walks_several_row_blocks(monkeypatch):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_rms_norm_backward_walks_several_row_blocks(monkeypatch, prefetch):
     # Two backward programs, each looping over several two-row blocks, the last one partly masked:
-    # the dweight partial sums and the row masks of the loop are what this checks.
+    # the dweight partial sums and the row masks of the loop are what this checks, with the loop
+    # as it is and with the next block's loads issued one step ahead (_BACKWARD_PREFETCH).
     monkeypatch.setattr(rms_norm_module, "_BACKWARD_PROGRAMS", 2)
+    monkeypatch.setattr(rms_norm_module, "_BACKWARD_PREFETCH", prefetch)
     blocks = rms_norm_module._choose_blocks(13, 1536)
     assert blocks.rows_per_program // blocks.rows_per_block > 1
     seed = int(np.random.default_rng().integers(2**31))
