@@ -385,6 +385,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="the correctness checks and the block-size sweep alone")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script itself on CPU")
     args = parser.parse_args()
     global SEQS, MODELS
@@ -404,13 +405,15 @@ def main() -> None:
     report["checks"] = correctness_checks(args.smoke)
 
     rows = []
+    if args.sweep_only:
+        args.no_torch, args.no_sweep = True, False
     if not args.no_torch:
         # PyTorch first, then its cache is emptied, so JAX (no preallocation) gets the memory.
         for model in MODELS:
             for seq, batch in SEQS:
                 rows.append(bench_torch(model, batch, seq, args.warmup, args.iters))
                 print(json.dumps(rows[-1]), flush=True)
-    for model in MODELS:
+    for model in MODELS if not args.sweep_only else ():
         for seq, batch in SEQS:
             for name, maker in JAX_IMPLS.items():
                 rows.append(bench_jax(name, maker, model, batch, seq, args.warmup, args.iters))
@@ -419,7 +422,8 @@ def main() -> None:
     report["results"] = rows
 
     packed_seq, packed_batch = (8192, 2) if not args.smoke else (64, 2)
-    report["packed"] = packed_rows("llama3-8b", packed_batch, packed_seq, 8, args.warmup, args.iters)
+    report["packed"] = ([] if args.sweep_only
+                        else packed_rows("llama3-8b", packed_batch, packed_seq, 8, args.warmup, args.iters))
     if not args.no_sweep:
         sweep_seq, sweep_batch = (8192, 2) if not args.smoke else (64, 2)
         report["sweep"] = {"model": "llama3-8b", "seq": sweep_seq, "batch": sweep_batch,

@@ -1,38 +1,93 @@
 #!/usr/bin/env bash
-# One device call: every kernel test run natively on the GPU (Triton, not the interpreter), then
-# the memory-bound and matmul kernel benches. Logs and JSON go to $OUT.
-#   bash bench/gpu_kernels.sh [tests|memory|memory-sweep|matmul|attention|anchors|dequant|decode]...
-#   (default: tests memory matmul attention anchors)
+# One device call made of named parts. Each part has its own time limit and writes its log straight
+# into $OUT as it runs; its JSON goes to $WORK/<part>, and $WORK is packed into $OUT/results.tgz
+# after every part. So a call cut short still brings back every finished part and the progress of
+# the running one, in few files (the device tool brings back 8: gpu.txt, parts.log, results.tgz
+# and one log per part, so at most 5 parts a call). A part whose limit does not fit in what is
+# left of BUDGET seconds (default 560, under the device tool's 600) is skipped, not started.
+#   BUDGET=560 bash bench/gpu_kernels.sh PART...
+# Parts (limit in s): tests(240) memory(90) memory-sweep(200) matmul(240) attention(300)
+#   attention-sweep(150) anchors(200) dequant(90) dequant-sweep(180) decode(200) qlora-step(130)
+#   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
+# (default: tests memory matmul attention anchors)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/fastft_out}; mkdir -p "$OUT"
+WORK=${WORK:-/tmp/fastft_work}; mkdir -p "$WORK"
+BUDGET=${BUDGET:-560}
+PEERS=${PEERS:-.peers}
+call_start=$(date +%s)
 parts=${*:-tests memory matmul attention anchors}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import jax, flax, optax, torch, triton; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'triton', triton.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import jax, flax, optax, torch, triton; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'triton', triton.__version__, jax.devices())"
+  date -u
+} > "$OUT/gpu.txt" 2>&1
+
+install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into /tmp/site, once
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$PEERS"/wheels/*.whl
+}
+
+limit_of() {
+  case $1 in
+    tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 200 ;; matmul) echo 240 ;;
+    attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 90 ;;
+    dequant-sweep) echo 180 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
+    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
+    long-bf16) echo 330 ;; *) echo 0 ;;
+  esac
+}
+
 for part in $parts; do
+  limit=$(limit_of "$part")
+  left=$(( BUDGET - ($(date +%s) - call_start) ))
+  if [ "$limit" -eq 0 ]; then echo "== unknown part $part" | tee -a "$OUT/parts.log"; continue; fi
+  if [ "$limit" -gt "$left" ]; then
+    echo "== $part skipped: needs ${limit} s, ${left} s left" | tee -a "$OUT/parts.log"; continue
+  fi
   start=$(date +%s)
+  log="$OUT/$part.log"
+  dir="$WORK/$part"; mkdir -p "$dir"
   case $part in
     tests)
       # float32 references on the GPU would otherwise run their matmuls in TF32.
-      JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q -p no:cacheprovider -x \
+      JAX_DEFAULT_MATMUL_PRECISION=highest timeout $limit python3 -m pytest -q -p no:cacheprovider -x \
         tests/test_rms_norm.py tests/test_swiglu.py tests/test_rope.py tests/test_lora_linear.py \
-        tests/test_cross_entropy.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
-    memory) timeout 200 python3 bench/kernels_memory_bound.py --no-sweep --iters 30 2>&1 | tail -40 | tee "$OUT/memory_bound.log" ;;
-    memory-sweep) timeout 200 python3 bench/kernels_memory_bound.py --iters 20 --models llama3-8b --ops rms_norm,rope_qk \
-      2>&1 | tee "$OUT/memory_sweep.log" ;;
-    dequant)
-      # NF4 dequant kernel against XLA, and bit-parity with bitsandbytes' own CUDA quantizer.
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/wheels/bitsandbytes-*.whl
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout 180 python3 bench/qlora.py --skip-step --sweep --iters 20 --out "$OUT" \
-        2>&1 | tee "$OUT/dequant.log" ;;
-    decode) timeout 200 python3 bench/decode.py --batches 1,32 --variants lora --decode-matmul pallas,reference \
-      --budget 190 2>&1 | tail -30 | tee "$OUT/decode.log" ;;
-    matmul) timeout 240 python3 bench/kernels_matmul.py --no-sweep --no-peak --iters 15 2>&1 | tail -40 | tee "$OUT/matmul.log" ;;
-    attention) timeout 300 python3 bench/attention.py --no-sweep --iters 10 --warmup 2 2>&1 | tail -50 | tee "$OUT/attention.log" ;;
-    anchors)
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/wheels/liger_kernel-*.whl
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout 200 python3 .peers/kernel_anchors.py 2>&1 | tail -25 | tee "$OUT/anchors.log" ;;
+        tests/test_cross_entropy.py tests/test_attention.py > "$log" 2>&1 ;;
+    memory) OUT="$dir" timeout $limit python3 bench/kernels_memory_bound.py --no-sweep --iters 20 --models llama3-8b > "$log" 2>&1 ;;
+    memory-sweep) OUT="$dir" timeout $limit python3 bench/kernels_memory_bound.py --iters 20 --models llama3-8b \
+      --ops rms_norm,rope_qk > "$log" 2>&1 ;;
+    matmul) OUT="$dir" timeout $limit python3 bench/kernels_matmul.py --no-sweep --no-peak --iters 15 > "$log" 2>&1 ;;
+    attention) OUT="$dir" timeout $limit python3 bench/attention.py --no-sweep --iters 10 --warmup 2 > "$log" 2>&1 ;;
+    attention-sweep) OUT="$dir" timeout $limit python3 bench/attention.py --sweep-only --iters 10 --warmup 2 > "$log" 2>&1 ;;
+    anchors) install_wheels
+      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 "$PEERS"/kernel_anchors.py > "$log" 2>&1 ;;
+    dequant) install_wheels  # the dequant kernel, the fused dequant-matmul, bitsandbytes parity
+      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --iters 20 \
+        --out "$dir" > "$log" 2>&1 ;;
+    dequant-sweep) install_wheels
+      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --sweep --iters 20 \
+        --out "$dir" > "$log" 2>&1 ;;
+    decode) timeout $limit python3 bench/decode.py --batches 1,32 --variants lora --decode-matmul pallas,reference \
+      --budget $(( limit - 10 )) --out "$dir" > "$log" 2>&1 ;;
+    qlora-step) timeout $limit python3 bench/qlora.py --checkpointing unsloth --steps 6 --warmup 1 \
+      --out "$dir" > "$log" 2>&1 ;;
+    e2e-llama) timeout $limit python3 bench/e2e.py --model llama3-8b --checkpointing selective,unsloth --extra "" \
+      --steps 6 --warmup 1 --peers unsloth --peers-dir "$PEERS" --deadline $(( limit - 15 )) \
+      --out "$dir" > "$log" 2>&1 ;;
+    e2e-qwen) timeout $limit python3 bench/e2e.py --model qwen2.5-1.5b --checkpointing selective --extra "" \
+      --steps 6 --warmup 1 --peers unsloth --peers-dir "$PEERS" --deadline $(( limit - 15 )) \
+      --out "$dir" > "$log" 2>&1 ;;
+    unsloth4) OUT="$dir" timeout $limit bash "$PEERS"/peer_bench.sh --model llama3-8b --batch 2 --seq 2048 \
+      --steps 5 --warmup 2 --modes unsloth4 > "$log" 2>&1 ;;
+    loss-parity) timeout $limit python3 bench/loss_parity.py --deadline $(( limit - 20 )) --out "$dir" \
+      > "$log" 2>&1 ;;
+    long-qlora) timeout $limit python3 bench/long_context.py --configs qlora --deadline $(( limit - 20 )) \
+      --out "$dir" > "$log" 2>&1 ;;
+    long-bf16) timeout $limit python3 bench/long_context.py --configs bf16 --deadline $(( limit - 20 )) \
+      --out "$dir" > "$log" 2>&1 ;;
   esac
-  echo "== $part took $(( $(date +%s) - start )) s"
+  echo "== $part rc=$? took $(( $(date +%s) - start )) s" | tee -a "$OUT/parts.log"
+  tar -C "$WORK" -czf "$OUT/results.tgz" .
 done
