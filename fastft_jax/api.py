@@ -15,7 +15,7 @@ from convert.hf import load_hf_params, model_config_from_hf, read_config_json
 from convert.quant import bnb_quantization
 from fastft_jax import ops
 from fastft_jax.lora import LoRAConfig, init_lora_params, normalise_target_modules
-from fastft_jax.model import CHECKPOINT_MODES, CausalLM
+from fastft_jax.model import AUTO_CHECKPOINTING, CausalLM, validate_checkpoint_setting
 
 _DTYPE_NAMES = {
     "float32": jnp.float32, "fp32": jnp.float32, "float": jnp.float32,
@@ -149,14 +149,23 @@ class FastLanguageModel:
         lora_alpha: float = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = "unsloth",
+        use_gradient_checkpointing: bool | str = AUTO_CHECKPOINTING,
         random_state: int = 3407,
         use_rslora: bool = False,
         loftq_config: Any = None,
         max_seq_length: int | None = None,
         **kwargs: Any,
     ) -> CausalLM:
-        """Attach LoRA adapters (A Kaiming-uniform as PEFT, B zero) and set the checkpointing mode."""
+        """Attach LoRA adapters (A Kaiming-uniform as PEFT, B zero) and set the checkpointing mode.
+
+        use_gradient_checkpointing: "selective" keeps the matmul outputs (fastest, most memory of the
+        recomputing modes), False keeps everything, True keeps each layer's input and recomputes the
+        layer, "unsloth" also offloads those inputs to host memory (least memory on a GPU). "auto" (the
+        default) lets SFTTrainer pick, once, before it compiles: the first of
+        plan.CHECKPOINT_SPEED_ORDER (fastest first) whose predicted peak fits the memory limit
+        (training.memory_limit, else the GPU's), "unsloth" if none does (and the trainer's memory
+        check says what would fit), and True (full recomputation) where no limit is known (the CPU,
+        memory_limit="off") or before any trainer resolves it."""
         unknown = sorted(set(kwargs) - {"layers_to_transform", "modules_to_save", "init_lora_weights", "task_type"} )
         if unknown:
             raise ConfigError(f"get_peft_model got unknown arguments {unknown}")
@@ -167,11 +176,7 @@ class FastLanguageModel:
             raise NotImplementedError(f"bias={bias!r} is not supported; only bias='none' (PEFT's default)")
         if loftq_config:
             raise NotImplementedError("loftq_config is not supported; pass loftq_config=None")
-        if use_gradient_checkpointing not in CHECKPOINT_MODES:
-            raise ConfigError(
-                f"use_gradient_checkpointing={use_gradient_checkpointing!r}; use False, True, \"unsloth\" "
-                "(layer inputs offloaded to host) or \"selective\" (matmul outputs kept, the rest recomputed)"
-            )
+        validate_checkpoint_setting(use_gradient_checkpointing)
         if not isinstance(model, CausalLM):
             raise ConfigError("get_peft_model expects the model returned by FastLanguageModel.from_pretrained")
         if model.lora is not None:

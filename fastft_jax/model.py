@@ -21,6 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
+from convert.errors import ConfigError
 from convert.hf import PROJECTIONS, ModelConfig
 from convert.quant import is_quantized
 from fastft_jax import ops, tiling
@@ -33,6 +34,13 @@ LAYER_INPUT = "layer_input"
 # only norms, RoPE, SwiGLU and the rank-r x·A products, never a full matmul.
 MATMUL_OUTPUT = "matmul_output"
 CHECKPOINT_MODES = (False, True, "unsloth", "selective")
+# use_gradient_checkpointing="auto" (get_peft_model's default) is a request, not a mode the layers
+# run: SFTTrainer resolves it to the fastest mode predicted to fit its memory limit
+# (fastft_jax/plan.py, choose_checkpointing) before it builds its step. Until then it runs as full
+# recomputation (True), the middle ground in speed and memory.
+AUTO_CHECKPOINTING = "auto"
+UNRESOLVED_AUTO_MODE = True
+CHECKPOINT_SETTINGS = CHECKPOINT_MODES + (AUTO_CHECKPOINTING,)
 
 
 class BaseWeight(nnx.Variable):
@@ -162,6 +170,23 @@ def embed_tokens(params: dict, input_ids: Int[Array, "batch seq"], compute_dtype
     return jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype)
 
 
+def validate_checkpoint_setting(setting: Any, where: str = "use_gradient_checkpointing") -> bool | str:
+    """A user's use_gradient_checkpointing: one of CHECKPOINT_SETTINGS, else a ConfigError that lists them."""
+    if setting not in CHECKPOINT_SETTINGS:
+        raise ConfigError(
+            f"{where}={setting!r}; use \"auto\" (the default: the fastest mode that fits the memory limit), False, "
+            "True, \"unsloth\" (layer inputs offloaded to host) or \"selective\" (matmul outputs kept, the rest "
+            "recomputed)"
+        )
+    return setting
+
+
+def layer_checkpoint_mode(setting: bool | str) -> bool | str:
+    """The mode the layers run for a setting: "auto" not yet resolved by a trainer runs as
+    UNRESOLVED_AUTO_MODE (full recomputation); a mode is itself."""
+    return UNRESOLVED_AUTO_MODE if setting == AUTO_CHECKPOINTING else setting
+
+
 def _checkpoint_policy(mode):
     if mode == "selective":
         return jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT)
@@ -205,6 +230,9 @@ def decoder_hidden(
     dropout_rng: Array | None = None,
 ) -> Float[Array, "batch seq hidden"]:
     """Embeddings, every decoder layer (scanned) and the final norm."""
+    if gradient_checkpointing not in CHECKPOINT_MODES:
+        raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r} is not a mode the layers run "
+                         f"({CHECKPOINT_MODES}); resolve \"auto\" first (layer_checkpoint_mode, or SFTTrainer)")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
     hidden = embed_tokens(params, input_ids, compute_dtype)

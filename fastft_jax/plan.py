@@ -8,7 +8,9 @@ tensors, int8), the LoRA parameters, AdamW's m and v, the gradients, the activat
 saves for the backward, the largest transient (one layer's backward, its recompute included) and
 the loss head. `max_seq_length_that_fits` and `max_batch_size_that_fits` search the prediction
 for the largest run that fits a budget. SFTTrainer calls `check_run_fits` before it builds its
-step, so a run that cannot fit stops with the numbers instead of running out of memory minutes in.
+step, so a run that cannot fit stops with the numbers instead of running out of memory minutes in,
+and `choose_checkpointing` before it, which resolves use_gradient_checkpointing="auto" to the
+fastest mode (CHECKPOINT_SPEED_ORDER) whose predicted peak fits.
 
 Two sources of numbers:
   - "compiled": XLA's memory analysis of the jitted train step, lowered on abstract shapes
@@ -50,7 +52,7 @@ from convert.errors import ConfigError, FastFTError
 from convert.hf import ATTENTION_PROJECTIONS, ModelConfig, tensor_specs
 from fastft_jax import ops, tiling
 from fastft_jax.lora import LoRAConfig
-from fastft_jax.model import CHECKPOINT_MODES
+from fastft_jax.model import AUTO_CHECKPOINTING, CHECKPOINT_MODES, UNRESOLVED_AUTO_MODE, layer_checkpoint_mode
 from pallas_kernels import cross_entropy as cross_entropy_kernels
 from pallas_kernels._common import next_power_of_2
 
@@ -64,6 +66,15 @@ COMPILE_MAX_PARAMS = 100_000_000
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 MEMORY_OFF = "off"
+# use_gradient_checkpointing="auto" runs the first of these whose predicted peak fits the memory limit.
+# Fastest first, as measured on llama3-8b, LoRA r=16 on all 7 projections, batch 2 x 2048
+# (bench/RESULTS.md): in one H100 call "selective" 13,361 tok/s at 28.1 GiB, full (True) 11,158 at
+# 17.8 GiB, "unsloth" 10,447 at 16.8 GiB; on an H200 "selective" 14,434 at 28.1 GiB
+# (bench/results/2026-11-28-h200-s3). No checkpointing (False) was never timed beside "selective":
+# 12,234 tok/s at 63.1 GiB in an older H200 session where full ran 10,687, so it comes second.
+# "unsloth" needs the least memory on a GPU (its saved layer inputs live in host memory): "auto"
+# falls back to it when nothing fits.
+CHECKPOINT_SPEED_ORDER: tuple[bool | str, ...] = ("selective", False, True, "unsloth")
 # The flash kernel's smallest head_dim tile (pallas_kernels/attention.py pads head_dim up to it).
 _FLASH_MIN_HEAD_DIM = 16
 
@@ -591,7 +602,7 @@ class MemoryPlan:
     def table(self, memory_limit: int | None = None, limit_source: str = "",
               max_seq_length_fits: int | None = None, max_batch_fits: int | None = None) -> str:
         quantized = f", {self.quantization} base" if self.quantization else ""
-        mode = self.gradient_checkpointing if isinstance(self.gradient_checkpointing, bool) else f'"{self.gradient_checkpointing}"'
+        mode = mode_name(self.gradient_checkpointing)
         lines = [
             f"fastft_jax memory plan ({'XLA memory analysis' if self.source == 'compiled' else 'formula'}): "
             f"{self.model_type}, {_count(self.num_parameters)} parameters, batch {self.batch_size} x "
@@ -641,6 +652,11 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def mode_name(mode: bool | str) -> str:
+    """A checkpointing mode as the user writes it: False, True, "unsloth"."""
+    return str(mode) if isinstance(mode, bool) else f'"{mode}"'
+
+
 def _count(number: int) -> str:
     for suffix, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if number >= scale:
@@ -657,6 +673,9 @@ def _make_spec(
     gradient_accumulation_steps: int, dtype: Any, quantization: str | None, gradient_checkpointing: bool | str,
     packing: bool, ops_config: ops.OpsConfig | None, backend: str | None, fsdp: int,
 ) -> _Spec:
+    if gradient_checkpointing == AUTO_CHECKPOINTING:
+        raise ConfigError('gradient_checkpointing="auto" is not one mode to plan: plan False, True, "unsloth" or '
+                          '"selective", or let choose_checkpointing pick the fastest that fits a memory limit')
     if gradient_checkpointing not in CHECKPOINT_MODES:
         raise ConfigError(f"gradient_checkpointing={gradient_checkpointing!r}: use one of False, True, \"unsloth\", \"selective\"")
     if quantization not in QUANTIZATIONS:
@@ -730,7 +749,7 @@ def plan_memory(
     config, lora_config (default LoRAConfig(): r 16 on all seven projections), batch_size
     (per_device_train_batch_size), max_seq_length, dtype (the compute dtype), quantization (None,
     "nf4" for load_in_4bit, "int8" for load_in_8bit), gradient_checkpointing (False, True,
-    "unsloth", "selective"), packing (packed rows pass segment ids to attention) and ops_config
+    "unsloth", "selective"; "auto" is choose_checkpointing's to resolve), packing (packed rows pass segment ids to attention) and ops_config
     describe the run as the trainer would execute it. backend ("gpu" or "cpu", default the
     running one) picks whose kernels and whose buffer counts apply, so a CPU can plan a GPU run.
     source: "compiled" (XLA's analysis; only for the running backend), "shapes" (the formula), or
@@ -881,21 +900,83 @@ def resolve_memory_limit(setting: int | str | None, where: str = "training.memor
     return (limit, f"bytes_limit of {jax.devices()[0].device_kind}") if limit else (None, "")
 
 
-def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1) -> MemoryPlan | None:
+@dataclasses.dataclass(frozen=True)
+class CheckpointingChoice:
+    """What use_gradient_checkpointing="auto" resolves to, and the numbers it went by."""
+
+    mode: bool | str
+    memory_limit: int | None
+    limit_source: str
+    # (mode, predicted peak in bytes) for every mode, in CHECKPOINT_SPEED_ORDER.
+    peaks: tuple[tuple[bool | str, int], ...]
+
+    def describe(self) -> str:
+        """One line: 'auto -> "selective" (predicted 28.06 GiB of 80.00 GiB, training.memory_limit)'."""
+        head = f"auto -> {mode_name(self.mode)}"
+        if self.memory_limit is None:
+            return f"{head} (no memory limit known, so full recomputation; give a limit for the fastest mode that fits)"
+        limit = _gib(self.memory_limit) + (f", {self.limit_source}" if self.limit_source else "")
+        peaks = dict(self.peaks)
+        if peaks[self.mode] > self.memory_limit:
+            return f"{head} (no mode fits {limit}: {self.per_mode()})"
+        order = [mode for mode, _ in self.peaks]
+        over = ", ".join(f"{mode_name(mode)} {_gib(peaks[mode])}" for mode in order[:order.index(self.mode)])
+        return f"{head} (predicted {_gib(peaks[self.mode])} of {limit}" + (f"; faster but over it: {over})" if over else ")")
+
+    def per_mode(self) -> str:
+        """The predicted peak of every mode, fastest first."""
+        return ", ".join(f"{mode_name(mode)} {_gib(peak)}" for mode, peak in self.peaks)
+
+
+def choose_checkpointing(memory_limit: int | str | None, config: ModelConfig, *, limit_source: str = "",
+                         base_params: Any = None, **plan_args: Any) -> CheckpointingChoice:
+    """Resolve use_gradient_checkpointing="auto" for a run (plan_memory's arguments, any
+    gradient_checkpointing among them ignored): the first mode of CHECKPOINT_SPEED_ORDER whose
+    predicted peak (the formula) fits memory_limit; the last ("unsloth", the least memory on a GPU)
+    when none does, for check_run_fits to report; and UNRESOLVED_AUTO_MODE (True: full recomputation, the middle ground) when no
+    limit is known, since then nothing can be checked."""
+    limit, spec, weights = _search_inputs(memory_limit, config, base_params,
+                                          {**plan_args, "gradient_checkpointing": CHECKPOINT_SPEED_ORDER[0]})
+    peaks = tuple((mode, _estimate(dataclasses.replace(spec, gradient_checkpointing=mode), weights).peak)
+                  for mode in CHECKPOINT_SPEED_ORDER)
+    if limit is None:
+        mode = UNRESOLVED_AUTO_MODE
+    else:
+        mode = next((mode for mode, peak in peaks if peak <= limit), CHECKPOINT_SPEED_ORDER[-1])
+    return CheckpointingChoice(mode, limit, limit_source, peaks)
+
+
+def _run_plan_args(model: Any, args: Any, data_config: Any, fsdp: int, gradient_checkpointing: bool | str) -> dict:
+    """plan_memory's arguments for SFTTrainer's run of `model` under TrainingArguments and DataConfig."""
+    return dict(
+        lora_config=model.lora_config, batch_size=args.per_device_train_batch_size,
+        max_seq_length=data_config.max_seq_length, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dtype=model.dtype, quantization=quantization_of(model.base_params()), gradient_checkpointing=gradient_checkpointing,
+        packing=data_config.packing, ops_config=model.ops_config, fsdp=fsdp,
+    )
+
+
+def choose_run_checkpointing(model: Any, args: Any, data_config: Any, fsdp: int = 1) -> CheckpointingChoice:
+    """choose_checkpointing for SFTTrainer's run, under the memory limit check_run_fits uses."""
+    limit, where = resolve_memory_limit(getattr(args, "memory_limit", None))
+    plan_args = _run_plan_args(model, args, data_config, fsdp, CHECKPOINT_SPEED_ORDER[0])
+    return choose_checkpointing(limit, model.config, limit_source=where, base_params=model.base_params(), **plan_args)
+
+
+def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1,
+                   gradient_checkpointing: bool | str | None = None) -> MemoryPlan | None:
     """SFTTrainer's check before its step is built: with a memory limit known (args.memory_limit,
     else the device's bytes_limit), a run whose predicted peak passes it raises one ConfigError
     with the peak, the limit, and the largest max_seq_length and batch that fit. Uses the formula:
-    instant, and no compile before the trainer's own. Returns the plan, or None without a limit."""
+    instant, and no compile before the trainer's own. Returns the plan, or None without a limit.
+    gradient_checkpointing: the mode to check (default: the model's, "auto" as the layers run it)."""
     limit, where = resolve_memory_limit(getattr(args, "memory_limit", None))
     if limit is None:
         return None
     base = model.base_params()
-    plan_args = dict(
-        lora_config=model.lora_config, batch_size=args.per_device_train_batch_size,
-        max_seq_length=data_config.max_seq_length, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dtype=model.dtype, quantization=quantization_of(base), gradient_checkpointing=model.gradient_checkpointing,
-        packing=data_config.packing, ops_config=model.ops_config, fsdp=fsdp,
-    )
+    if gradient_checkpointing is None:
+        gradient_checkpointing = layer_checkpoint_mode(model.gradient_checkpointing)
+    plan_args = _run_plan_args(model, args, data_config, fsdp, gradient_checkpointing)
     plan = plan_memory(model.config, source="shapes", base_params=base, **plan_args)
     if plan.fits(limit):
         return plan
@@ -944,9 +1025,12 @@ def _planned_dtype(name: str | None, backend: str) -> Any:
     return jnp.dtype(jnp.bfloat16)
 
 
-def plan_run_config(run_config: Any, *, backend: str | None = None, source: str = "auto") -> tuple[MemoryPlan, dict]:
+def plan_run_config(run_config: Any, *, backend: str | None = None, source: str = "auto",
+                    memory_limit: int | None = None, limit_source: str = "",
+                    ) -> tuple[MemoryPlan, dict, CheckpointingChoice | None]:
     """The plan of a `python -m fastft_jax.train` run config (fastft_jax.train.RunConfig), from
-    the checkpoint's config.json alone; returns (plan, the plan arguments the searches take)."""
+    the checkpoint's config.json alone; returns (plan, the plan arguments the searches take, and
+    what lora.use_gradient_checkpointing="auto" resolved to under memory_limit, else None)."""
     from convert.hf import model_config_from_hf, read_config_json
     from fastft_jax import sharding
     from fastft_jax.lora import normalise_target_modules
@@ -973,9 +1057,13 @@ def plan_run_config(run_config: Any, *, backend: str | None = None, source: str 
         gradient_checkpointing=lora_section.use_gradient_checkpointing, packing=run_config.data.packing,
         ops_config=ops.OpsConfig.from_env(**(model_section.kernels or {})), backend=backend, fsdp=fsdp,
     )
+    choice = None
+    if plan_args["gradient_checkpointing"] == AUTO_CHECKPOINTING:
+        choice = choose_checkpointing(memory_limit, config, limit_source=limit_source, **plan_args)
+        plan_args["gradient_checkpointing"] = choice.mode
     if source == "auto" and backend != current_backend():
         source = "shapes"
-    return plan_memory(config, source=source, **plan_args), {"config": config, **plan_args}
+    return plan_memory(config, source=source, **plan_args), {"config": config, **plan_args}, choice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -996,7 +1084,6 @@ def main(argv: list[str] | None = None) -> int:
 
         run_config = load_run_config(args.config, args.overrides)
         backend = args.backend or "gpu"
-        plan, plan_args = plan_run_config(run_config, backend=backend, source=args.source)
         if args.memory is not None:
             limit, where = parse_memory_size(args.memory, "--memory"), "--memory"
         elif run_config.training.memory_limit is not None:
@@ -1005,6 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
             limit, where = resolve_memory_limit(None)
         else:
             limit, where = None, ""
+        plan, plan_args, choice = plan_run_config(run_config, backend=backend, source=args.source,
+                                                  memory_limit=limit, limit_source=where)
+        if choice is not None:
+            print(f"use_gradient_checkpointing: {choice.describe()}\n"
+                  f"  predicted peak by mode, fastest first: {choice.per_mode()}")
         longest = widest = None
         if limit is not None:
             config = plan_args.pop("config")

@@ -49,9 +49,15 @@ class LoRASection:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     bias: str = "none"
-    use_gradient_checkpointing: bool | str = "unsloth"
+    # "auto": the fastest mode predicted to fit the memory limit (FastLanguageModel.get_peft_model).
+    use_gradient_checkpointing: bool | str = "auto"
     random_state: int = 3407
     use_rslora: bool = False
+
+    def __post_init__(self):
+        from fastft_jax.model import validate_checkpoint_setting  # lazily: it pulls in jax
+
+        validate_checkpoint_setting(self.use_gradient_checkpointing, "lora.use_gradient_checkpointing")
 
 
 @dataclasses.dataclass(frozen=True)

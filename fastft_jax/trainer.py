@@ -42,7 +42,14 @@ from fastft_jax.data import (
 )
 from convert.hf import ModelConfig
 from fastft_jax.lora import LoRAConfig
-from fastft_jax.model import CausalLM, decoder_hidden, lm_head_weight
+from fastft_jax.model import (
+    AUTO_CHECKPOINTING,
+    UNRESOLVED_AUTO_MODE,
+    CausalLM,
+    decoder_hidden,
+    layer_checkpoint_mode,
+    lm_head_weight,
+)
 
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 # Optimizer names HF/Unsloth scripts pass. All run optax AdamW in float32 here; the 8-bit variants
@@ -218,7 +225,9 @@ class LossSetup:
 
     @classmethod
     def of(cls, model: CausalLM, **overrides: Any) -> "LossSetup":
-        setup = cls(model.config, model.lora_config, model.ops_config, model.dtype, model.gradient_checkpointing)
+        """The model's setup; an "auto" checkpointing no trainer has resolved yet runs as full recomputation."""
+        setup = cls(model.config, model.lora_config, model.ops_config, model.dtype,
+                    layer_checkpoint_mode(model.gradient_checkpointing))
         return dataclasses.replace(setup, **overrides)
 
 
@@ -345,14 +354,9 @@ class SFTTrainer:
                 packing=packing,
             )
         self.data_config = data_config
-        from fastft_jax.plan import check_run_fits
-
-        try:
-            check_run_fits(model, self.args, data_config, fsdp=self.mesh.shape["fsdp"])
-        except ConfigError:
-            raise
-        except Exception as error:  # the planner must never be why a run that fits cannot start
-            warnings.warn(f"memory check skipped, the planner failed: {type(error).__name__}: {error}", stacklevel=2)
+        kernels = self.model.ops_config.describe(packed_rows=self.data_config.packing)
+        sharding.main_print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
+        self._resolve_checkpointing_and_check_fit()
         self._check_output_dir()
         source = train_dataset
         if formatting_func is not None and train_dataset is not None:
@@ -367,8 +371,6 @@ class SFTTrainer:
             self.eval_data, _ = prepare_datasets(dataclasses.replace(self.data_config, eval_fraction=0.0, eval_path=None),
                                                  self.tokenizer, source=eval_source, seed=self.args.seed)
         sharding.main_print(f"fastft_jax: train data: {self.train_data.stats}")
-        kernels = self.model.ops_config.describe(packed_rows=self.data_config.packing)
-        sharding.main_print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
         # HF's meaning: every device trains per_device_train_batch_size rows of each micro-batch.
         self.train_batches = BatchIterator.from_config(
             self.train_data, self.data_config, self.args.per_device_train_batch_size * self.batch_shards,
@@ -400,6 +402,29 @@ class SFTTrainer:
         self._eval_step = self._build_eval_step()
 
     # -- setup -------------------------------------------------------------------------------------
+    def _resolve_checkpointing_and_check_fit(self) -> None:
+        """Once, before any data work or compile: resolve use_gradient_checkpointing="auto" to the
+        fastest mode predicted to fit (plan.choose_checkpointing), then stop a run that cannot fit
+        (plan.check_run_fits). The model keeps the concrete mode, so the step and everything after
+        it see one; a run that does not fit leaves "auto" on the model for the next try."""
+        from fastft_jax.plan import check_run_fits, choose_run_checkpointing
+
+        model, fsdp = self.model, self.mesh.shape["fsdp"]
+        mode = model.gradient_checkpointing
+        try:
+            if mode == AUTO_CHECKPOINTING:
+                choice = choose_run_checkpointing(model, self.args, self.data_config, fsdp)
+                mode = choice.mode
+                sharding.main_print(f"fastft_jax: gradient checkpointing: {choice.describe()}")
+            check_run_fits(model, self.args, self.data_config, fsdp=fsdp, gradient_checkpointing=layer_checkpoint_mode(mode))
+        except ConfigError:
+            raise
+        except Exception as error:  # the planner must never be why a run that fits cannot start
+            unresolved = f'; use_gradient_checkpointing="auto" runs as {UNRESOLVED_AUTO_MODE}' if mode == AUTO_CHECKPOINTING else ""
+            warnings.warn(f"memory check skipped, the planner failed: {type(error).__name__}: {error}{unresolved}",
+                          stacklevel=3)
+        model.gradient_checkpointing = layer_checkpoint_mode(mode)
+
     def _check_output_dir(self) -> None:
         output_dir = Path(self.args.output_dir)
         try:

@@ -16,8 +16,10 @@ from convert.errors import ConfigError
 from convert.hf import model_config_from_hf, read_config_json
 from fastft_jax import ops
 from fastft_jax.plan import (
+    CHECKPOINT_SPEED_ORDER,
     _abstract_quantized,
     abstract_base_params,
+    choose_checkpointing,
     main,
     max_batch_size_that_fits,
     max_seq_length_that_fits,
@@ -149,3 +151,46 @@ def test_cli_prints_the_split_and_what_fits(tiny_checkpoints, tmp_path, capsys):
     assert "peak device memory (XLA memory analysis)" in printed and "memory limit (--memory)" in printed
     assert main(["--config", str(path), "--memory", "24 parsecs"]) == 2
     assert "24 parsecs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+def test_auto_checkpointing_takes_the_fastest_mode_that_fits(tiny_checkpoints, backend):
+    config = _config(tiny_checkpoints, "llama")
+    length = int(np.random.default_rng().integers(700, 3000))
+    args = dict(dtype="bfloat16", backend=backend, batch_size=2, max_seq_length=length, gradient_accumulation_steps=2)
+    peaks = {mode: plan_memory(config, source="shapes", gradient_checkpointing=mode, **args).peak
+             for mode in CHECKPOINT_SPEED_ORDER}
+    chosen = set()
+    for limit in sorted({peak + offset for peak in peaks.values() for offset in (-1, 0)}) + [1 << 40]:
+        expected = next((mode for mode in CHECKPOINT_SPEED_ORDER if peaks[mode] <= limit), "unsloth")
+        choice = choose_checkpointing(limit, config, gradient_checkpointing="auto", **args)
+        assert choice.mode == expected and type(choice.mode) is type(expected), (limit, peaks, choice)
+        assert dict(choice.peaks) == peaks
+        chosen.add(choice.mode)
+    assert "selective" in chosen and len(chosen) >= 2, chosen  # the limits above did make it choose
+    # No limit known: full recomputation, whatever the sizes.
+    assert choose_checkpointing(None, config, **args).mode is True
+    assert choose_checkpointing("off", config, **args).mode is True
+    with pytest.raises(ConfigError, match="choose_checkpointing"):
+        plan_memory(config, source="shapes", gradient_checkpointing="auto", **args)
+
+
+def test_cli_resolves_auto_checkpointing(tiny_checkpoints, tmp_path, capsys):
+    config = {
+        "model": {"name": str(tiny_checkpoints["qwen2"]), "max_seq_length": 2048},
+        "lora": {"r": 8},  # use_gradient_checkpointing left at its default, "auto"
+        "data": {"path": "unused.jsonl"},
+        "training": {"per_device_train_batch_size": 2},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--memory", "1TB"]) == 0
+    printed = capsys.readouterr().out
+    assert 'use_gradient_checkpointing: auto -> "selective" (predicted' in printed
+    assert 'use_gradient_checkpointing="selective"' in printed and "predicted peak by mode, fastest first" in printed
+    # A GPU plan on this CPU with no limit: full recomputation.
+    assert main(["--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "auto -> True (no memory limit known" in printed and "use_gradient_checkpointing=True" in printed
+    assert main(["--config", str(path), "--set", "lora.use_gradient_checkpointing=full"]) == 2
+    assert '"auto"' in capsys.readouterr().err

@@ -3,6 +3,8 @@ packing, resume, checkpointing modes and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,6 +260,93 @@ def test_train_updates_the_model_in_place(tiny_checkpoints, tmp_path):
     after = model.lora_params()
     assert float(jnp.abs(after["layers"]["q_proj"]["lora_b"]).max()) > 0
     assert not np.array_equal(before["layers"]["q_proj"]["lora_b"], np.asarray(after["layers"]["q_proj"]["lora_b"]))
+
+
+# -- use_gradient_checkpointing="auto" ----------------------------------------------------------------
+
+
+def _auto_model(checkpoint, mode=None):
+    """A 1024-token model planned with the flash kernel's memory (the GPU's structure); `mode`
+    None leaves get_peft_model's default."""
+    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, dtype="float32", max_seq_length=1024,
+                                                         kernels={"attention": "pallas"})
+    extra = {} if mode is None else {"use_gradient_checkpointing": mode}
+    return FastLanguageModel.get_peft_model(model, r=8, random_state=7, **extra), tokenizer
+
+
+def _auto_trainer(model, tokenizer, tmp_path, memory_limit):
+    """The trainer resolves the mode in its constructor; the step compiles lazily, so none compiles here."""
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=1, save_strategy="no", plot_loss=False, memory_limit=memory_limit)
+    data = data_config(packing=True, padding="max_length", max_seq_length=1024)
+    return SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=make_rows(160, np.random.default_rng()), args=args,
+                      data_config=data)
+
+
+def _predicted_peaks(model) -> dict:
+    from fastft_jax.plan import CHECKPOINT_SPEED_ORDER, plan_memory
+
+    run = dict(lora_config=model.lora_config, batch_size=4, max_seq_length=1024, gradient_accumulation_steps=2,
+               dtype=model.dtype, packing=True, ops_config=model.ops_config, base_params=model.base_params(),
+               source="shapes")
+    return {mode: plan_memory(model.config, gradient_checkpointing=mode, **run).peak for mode in CHECKPOINT_SPEED_ORDER}
+
+
+def test_auto_checkpointing_is_the_default_and_takes_selective_when_memory_is_plenty(tiny_checkpoints, tmp_path, capsys):
+    model, tokenizer = _auto_model(tiny_checkpoints["qwen2"])
+    assert model.gradient_checkpointing == "auto"
+    # Before any trainer resolves it, "auto" runs as full recomputation.
+    assert LossSetup.of(model).gradient_checkpointing is True
+    _auto_trainer(model, tokenizer, tmp_path, "1TB")
+    assert model.gradient_checkpointing == "selective"
+    printed = capsys.readouterr().out
+    assert printed.count("gradient checkpointing: auto -> ") == 1
+    assert 'gradient checkpointing: auto -> "selective" (predicted' in printed
+    # No limit known ("off", or a CPU without bytes_limit): full recomputation.
+    model, tokenizer = _auto_model(tiny_checkpoints["qwen2"])
+    _auto_trainer(model, tokenizer, tmp_path / "off", "off")
+    assert model.gradient_checkpointing is True
+
+
+def test_auto_checkpointing_takes_the_fastest_mode_that_fits(tiny_checkpoints, tmp_path, capsys):
+    from fastft_jax.plan import CHECKPOINT_SPEED_ORDER
+
+    model, tokenizer = _auto_model(tiny_checkpoints["llama"])
+    peaks = _predicted_peaks(model)
+    limit = (peaks["selective"] + peaks["unsloth"]) // 2
+    expected = next(mode for mode in CHECKPOINT_SPEED_ORDER if peaks[mode] <= limit)
+    assert expected != "selective", peaks
+    _auto_trainer(model, tokenizer, tmp_path, limit)
+    assert model.gradient_checkpointing == expected and type(model.gradient_checkpointing) is type(expected)
+    assert LossSetup.of(model).gradient_checkpointing == expected
+    assert "faster but over it: \"selective\"" in capsys.readouterr().out
+    # Nothing fits: the memory check stops the run, and the model keeps "auto" for the next try.
+    model, tokenizer = _auto_model(tiny_checkpoints["llama"])
+    with pytest.raises(ConfigError, match="more than the limit"):
+        _auto_trainer(model, tokenizer, tmp_path, min(peaks.values()) - 1)
+    assert model.gradient_checkpointing == "auto"
+    assert 'auto -> "unsloth" (no mode fits' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["unsloth", False])
+def test_explicit_checkpointing_is_untouched(tiny_checkpoints, tmp_path, capsys, mode):
+    model, tokenizer = _auto_model(tiny_checkpoints["qwen3"], mode)
+    _auto_trainer(model, tokenizer, tmp_path, "1TB")
+    assert model.gradient_checkpointing == mode and type(model.gradient_checkpointing) is type(mode)
+    assert "auto ->" not in capsys.readouterr().out
+
+
+def test_error_bad_checkpointing_value_names_auto(tiny_checkpoints):
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="float32", max_seq_length=64)
+    with pytest.raises(ConfigError, match='"auto"'):
+        FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing="full")
+    # The layers run modes only: an unresolved "auto" never reaches them.
+    model = FastLanguageModel.get_peft_model(model, r=8)
+    setup = dataclasses.replace(LossSetup.of(model), gradient_checkpointing="auto")
+    micro = stack_micro_batches([Batch(*(np.ones((1, 8), np.int32),) * 4)])
+    with pytest.raises(ValueError, match="auto"):
+        token_loss_sum(model.lora_params(), model.base_params(), jax.tree.map(lambda x: jnp.asarray(x[0]), micro),
+                       jnp.float32(1.0), None, setup)
 
 
 # -- bad input --------------------------------------------------------------------------------------
