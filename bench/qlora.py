@@ -7,11 +7,19 @@ its wheel is importable with CUDA), and a Llama-3-8B-shape QLoRA training step.
   python3 bench/qlora.py --smoke          # CPU check of this script (tiny shapes, interpret mode)
 
 1. dequant: for each of Llama-3-8B's projection shapes, the Pallas kernel (pallas_kernels/nf4.py,
-   NF4 -> bf16), XLA's fusion of the jnp reference (convert/quant.py), and the whole ops.dequantize
-   (nested absmax resolved + kernel + transpose to [in, out]) are timed (median of --iters, each
-   ended by block_until_ready). Bytes moved by the kernel: n/2 codes + 4n/64 float32 absmax read,
-   2n bf16 written. Copy bandwidth is a jitted negation of a 1 GiB bf16 array (1 GiB read, 1 GiB
-   written). Target (issue 7): the kernel at >= 80% of copy bandwidth.
+   NF4 -> bf16) on a float32 absmax, the same kernel decoding the double-quantized absmax itself
+   (dequantize_4bit_nested), XLA's fusion of the jnp reference (convert/quant.py), what the
+   training path runs (ops.dequantize_hf: HF's [out, in], no transpose) and ops.dequantize
+   (transposed to [in, out]) are timed (median of --iters). Bytes counted for every column: n/2
+   codes + 4n/64 float32 absmax read, 2n bf16 written (the nested kernel reads n/64 bytes of absmax
+   codes instead of 4n/64, so its GB/s is an effective figure). Copy bandwidth: bench/timing.py's
+   ceiling. Target (issue 7): the kernel at >= 80% of copy bandwidth. Every output is checked bit
+   for bit against the reference on the GPU ("exact").
+   --sweep: the kernel's DequantBlocks (block_rows, warps, stages, steps a program, output layout)
+   and the nested decode on the smallest and largest shape, about 40 timings, each checked exact.
+   --layer: one QLoRA layer's forward + backward (ops.lora_linear, 6144 tokens, r 16) per shape,
+   the nested absmax decoded in the kernel and by XLA, and the count of [in, out]-sized transposes
+   or copies in its compiled HLO (0 expected: the GEMMs take the HF layout).
 2. fused: dequantize_4bit_matmul (m = 1, 4, 16 rows) against the Pallas dequant followed by
    jnp.dot(x, W^T), same inputs, both jitted.
 3. parity: with bitsandbytes importable and CUDA up, bitsandbytes' quantize_4bit(nf4, blocksize
@@ -65,6 +73,18 @@ def _median_seconds(fn, *args, iters: int) -> float:
     return time_ms(fn, *args, warmup=1, iters=iters) / 1e3
 
 
+def _bytes_moved(n: int) -> int:
+    return n // 2 + 4 * (n // 64) + 2 * n
+
+
+def _nested_args(kernel):
+    import jax.numpy as jnp
+
+    from convert import quant
+
+    return kernel.codes, kernel.absmax, jnp.asarray(quant.DYNAMIC_MAP), kernel.nested_absmax, kernel.nested_offset
+
+
 def bench_dequant(shapes: dict, iters: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -84,13 +104,25 @@ def bench_dequant(shapes: dict, iters: int) -> list[dict]:
         n = n_out * k
         kernel_fn = jax.jit(lambda codes, absmax: nf4.dequantize_4bit(
             codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=jnp.bfloat16))
+        nested_fn = jax.jit(lambda *arrays: nf4.dequantize_4bit_nested(
+            *arrays, code_book=code_book, n=n, blocksize=64, nested_blocksize=256, dtype=jnp.bfloat16))
         reference_fn = jax.jit(lambda codes, absmax: nf4.dequantize_4bit_reference(
             codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=jnp.bfloat16))
+        hf_fn = jax.jit(lambda kernel: ops.dequantize_hf(kernel, jnp.bfloat16, pallas))
         whole_fn = jax.jit(lambda kernel: ops.dequantize(kernel, jnp.bfloat16, pallas))
-        exact = bool(np.array_equal(np.asarray(kernel_fn(kernel.codes, absmax)), np.asarray(reference_fn(kernel.codes, absmax))))
-        moved = n // 2 + 4 * (n // 64) + 2 * n
-        row = {"shape": label, "n_out": n_out, "k": k, "bytes_moved": moved, "exact": exact}
-        for name, fn, args in (("pallas", kernel_fn, (kernel.codes, absmax)), ("xla_reference", reference_fn, (kernel.codes, absmax)),
+        expected = np.asarray(reference_fn(kernel.codes, absmax))
+        exact = {
+            "pallas": np.array_equal(np.asarray(kernel_fn(kernel.codes, absmax)), expected),
+            "pallas_nested": np.array_equal(np.asarray(nested_fn(*_nested_args(kernel))), expected),
+            "ops_dequantize_hf": np.array_equal(np.asarray(hf_fn(kernel)).reshape(-1), expected),
+        }
+        moved = _bytes_moved(n)
+        row = {"shape": label, "n_out": n_out, "k": k, "bytes_moved": moved, "exact": all(exact.values()),
+               "exact_by_path": exact}
+        for name, fn, args in (("pallas", kernel_fn, (kernel.codes, absmax)),
+                               ("pallas_nested", nested_fn, _nested_args(kernel)),
+                               ("xla_reference", reference_fn, (kernel.codes, absmax)),
+                               ("ops_dequantize_hf", hf_fn, (kernel,)),
                                ("ops_dequantize", whole_fn, (kernel,))):
             seconds = _median_seconds(fn, *args, iters=iters)
             row[f"{name}_us"] = round(1e6 * seconds, 1)
@@ -100,10 +132,30 @@ def bench_dequant(shapes: dict, iters: int) -> list[dict]:
     return rows
 
 
-def sweep_dequant(shapes: dict, iters: int) -> list[dict]:
-    """The dequant kernel's time at other block sizes and warp counts, printed as it goes."""
+def dequant_sweep_configs() -> list[tuple[bool, object]]:
+    """(nested, DequantBlocks) pairs, the current default first: 20 per shape."""
+    from pallas_kernels import nf4
+
+    configs = [(False, nf4.DequantBlocks())]
+    for layout in nf4.LAYOUTS:
+        for block_rows, num_warps, num_stages, steps in ((32, 2, 1, 1), (64, 2, 1, 1), (64, 4, 1, 1), (128, 4, 1, 1),
+                                                         (64, 2, 2, 4), (64, 4, 3, 8)):
+            blocks = nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps, num_stages=num_stages, steps=steps,
+                                       layout=layout)
+            if (False, blocks) not in configs:
+                configs.append((False, blocks))
+    configs += [(True, nf4.DequantBlocks()), (True, nf4.DequantBlocks(layout="join")),
+                (True, nf4.DequantBlocks(num_stages=2, steps=4, layout="join"))]
+    return configs
+
+
+def sweep_dequant(shapes: dict, iters: int, on_row=None) -> list[dict]:
+    """The dequant kernel's time per DequantBlocks variant (and with the nested absmax decoded in the
+    kernel), on the smallest and the largest weight, each output checked against the reference;
+    printed, and passed to on_row, as it goes."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from convert import quant
     from pallas_kernels import nf4
@@ -114,22 +166,88 @@ def sweep_dequant(shapes: dict, iters: int) -> list[dict]:
     for label, (n_out, k) in (by_size[0], by_size[-1]):  # the smallest and the largest weight
         kernel = quant.quantize_nf4(jax.random.normal(jax.random.PRNGKey(1), (n_out, k), jnp.bfloat16))
         absmax = jax.block_until_ready(quant.block_absmax(kernel))
-        n, moved = n_out * k, n_out * k // 2 + 4 * (n_out * k // 64) + 2 * n_out * k
-        default = nf4._choose_dequant_blocks(n // 64, 64)
-        for block_rows in (32, 64, 128, 256, 512):
-            for num_warps in (2, 4, 8):
-                blocks = nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps)
+        n = n_out * k
+        moved = _bytes_moved(n)
+        expected = np.asarray(nf4.dequantize_4bit_reference(
+            kernel.codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=jnp.bfloat16))
+        for nested, blocks in dequant_sweep_configs():
+            described = {"shape": label, "nested": nested, **dataclasses.asdict(blocks)}
+            if nested:
+                fn = jax.jit(lambda *arrays, blocks=blocks: nf4.dequantize_4bit_nested(
+                    *arrays, code_book=code_book, n=n, blocksize=64, nested_blocksize=256, dtype=jnp.bfloat16,
+                    blocks=blocks))
+                args = _nested_args(kernel)
+            else:
                 fn = jax.jit(lambda codes, absmax, blocks=blocks: nf4.dequantize_4bit(
                     codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=jnp.bfloat16, blocks=blocks))
-                try:
-                    seconds = _median_seconds(fn, kernel.codes, absmax, iters=iters)
-                except Exception as error:  # a setting that does not compile is a finding
-                    rows.append({"shape": label, "block_rows": block_rows, "num_warps": num_warps, "error": str(error)[:300]})
-                    continue
-                rows.append({"shape": label, "block_rows": block_rows, "num_warps": num_warps,
-                             "default": blocks == default, "us": round(1e6 * seconds, 1),
-                             "gbs": round(moved / seconds / 1e9, 1)})
-                print(f"dequant sweep {rows[-1]}", flush=True)
+                args = (kernel.codes, absmax)
+            try:
+                exact = bool(np.array_equal(np.asarray(fn(*args)), expected))
+                seconds = _median_seconds(fn, *args, iters=iters)
+            except Exception as error:  # a setting that does not compile is a finding
+                rows.append({**described, "error": str(error)[:300]})
+            else:
+                rows.append({**described, "default": blocks == nf4.DequantBlocks() and not nested, "exact": exact,
+                             "us": round(1e6 * seconds, 1), "gbs": round(moved / seconds / 1e9, 1)})
+            print(f"dequant sweep {rows[-1]}", flush=True)
+            if on_row:
+                on_row(rows)
+    return rows
+
+
+def _weight_transposes(hlo: str, n_out: int, k: int) -> int:
+    """Instructions of a compiled HLO text that write the weight transposed: any whose bf16 result is
+    [in, out], or [out, in] in column-major layout; for a square weight, whose shape says nothing,
+    only a transpose, a copy or a fusion named for a transpose. (The token count must differ from
+    both dims, or activations would match too.)"""
+    import re
+
+    instruction = re.compile(r"^\s*(?:ROOT )?%(\S+) = bf16\[(\d+),(\d+)\]\{(\d),(\d)\} ([\w-]+)\(")
+    count = 0
+    for line in hlo.splitlines():
+        match = instruction.match(line)
+        if not match:
+            continue
+        name, rows, cols, major_last, _, opcode = match.groups()
+        dims, column_major = (int(rows), int(cols)), major_last == "0"
+        transposed = (dims == (k, n_out) and not column_major) or (dims == (n_out, k) and column_major)
+        named = opcode in ("transpose", "copy") or "transpose" in name
+        count += transposed and opcode != "parameter" and (named or n_out != k)
+    return count
+
+
+def bench_layer(shapes: dict, tokens: int, rank: int, iters: int) -> list[dict]:
+    """One QLoRA layer's forward + backward through ops.lora_linear (bf16, the Pallas dequant), with
+    the nested absmax decoded in the kernel and by XLA, and the transposed copies of the weight in
+    its compiled HLO."""
+    import jax
+    import jax.numpy as jnp
+
+    from convert import quant
+    from fastft_jax import ops
+
+    cfg = dataclasses.replace(ops.OpsConfig.from_env(), dequant="pallas")
+    rows = []
+    for label, (n_out, k) in shapes.items():
+        kernel = quant.quantize_nf4(jax.random.normal(jax.random.PRNGKey(2), (n_out, k), jnp.bfloat16))
+        x = jax.random.normal(jax.random.PRNGKey(3), (tokens, k), jnp.bfloat16)
+        a = 0.01 * jax.random.normal(jax.random.PRNGKey(4), (k, rank), jnp.float32)
+        b = 0.01 * jax.random.normal(jax.random.PRNGKey(5), (rank, n_out), jnp.float32)
+
+        def step(x, a, b, kernel):
+            out, vjp = jax.vjp(lambda x, a, b: ops.lora_linear(x, kernel, a, b, 2.0, cfg), x, a, b)
+            return vjp(out)
+
+        row = {"shape": label, "n_out": n_out, "k": k, "tokens": tokens}
+        for nested_in_kernel in (True, False):
+            ops.DEQUANT_NESTED_IN_KERNEL = nested_in_kernel
+            fn = jax.jit(step)
+            key = "nested_in_kernel" if nested_in_kernel else "nested_by_xla"
+            row[f"{key}_weight_transposes"] = _weight_transposes(fn.lower(x, a, b, kernel).compile().as_text(), n_out, k)
+            row[f"{key}_us"] = round(1e6 * _median_seconds(fn, x, a, b, kernel, iters=iters), 1)
+        ops.DEQUANT_NESTED_IN_KERNEL = True
+        rows.append(row)
+        print(f"layer {label}: {row}", flush=True)
     return rows
 
 
@@ -308,13 +426,30 @@ def table(results: dict) -> str:
     lines = []
     copy = results.get("copy_gbs")
     if results.get("dequant"):
-        lines += [f"copy bandwidth (bf16 negate): {copy} GB/s", "",
-                  "| shape [out, in] | Pallas us | Pallas GB/s | % copy | XLA ref GB/s | ops.dequantize us | exact |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"copy bandwidth: {copy} GB/s", "",
+                  ("| shape [out, in] | Pallas us | Pallas GB/s | % copy | nested in kernel us | % copy | XLA ref GB/s | "
+                   "ops.dequantize_hf us | ops.dequantize [in, out] us | exact |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in results["dequant"]:
             share = f"{100 * row['pallas_gbs'] / copy:.0f}%" if copy else "-"
+            nested_share = f"{100 * row['pallas_nested_gbs'] / copy:.0f}%" if copy else "-"
             lines.append(f"| {row['shape']} {row['n_out']}x{row['k']} | {row['pallas_us']} | {row['pallas_gbs']} | {share} | "
-                         f"{row['xla_reference_gbs']} | {row['ops_dequantize_us']} | {row['exact']} |")
+                         f"{row['pallas_nested_us']} | {nested_share} | {row['xla_reference_gbs']} | "
+                         f"{row['ops_dequantize_hf_us']} | {row['ops_dequantize_us']} | {row['exact']} |")
+    if results.get("dequant_sweep"):
+        lines += ["", "| sweep shape | nested | block_rows | warps | stages | steps | layout | us | GB/s | exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in sorted(results["dequant_sweep"], key=lambda row: (row["shape"], row.get("us", float("inf")))):
+            lines.append(f"| {row['shape']} | {row['nested']} | {row['block_rows']} | {row['num_warps']} | "
+                         f"{row['num_stages']} | {row['steps']} | {row['layout']}{' (default)' if row.get('default') else ''} | "
+                         f"{row.get('us', row.get('error', '')[:60])} | {row.get('gbs', '-')} | {row.get('exact', '-')} |")
+    if results.get("layer"):
+        lines += ["", "| layer fwd+bwd [out, in] | tokens | nested in kernel us | nested by XLA us | [in, out] copies |",
+                  "|---|---|---|---|---|"]
+        for row in results["layer"]:
+            lines.append(f"| {row['shape']} {row['n_out']}x{row['k']} | {row['tokens']} | {row['nested_in_kernel_us']} | "
+                         f"{row['nested_by_xla_us']} | {row['nested_in_kernel_weight_transposes']} / "
+                         f"{row['nested_by_xla_weight_transposes']} |")
     if results.get("fused"):
         lines += ["", "| shape | rows | fused us | dequant+dot us | rel. error |", "|---|---|---|---|---|"]
         for row in results["fused"]:
@@ -349,7 +484,9 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--step-timeout", type=float, default=300.0)
     parser.add_argument("--skip-step", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="time the dequant kernel at other block sizes")
+    parser.add_argument("--sweep", action="store_true", help="time the dequant kernel's variants (DequantBlocks)")
+    parser.add_argument("--layer", action="store_true", help="time one QLoRA layer's forward + backward per shape")
+    parser.add_argument("--layer-tokens", type=int, default=6144, help="not one of the weights' dims (see _weight_transposes)")
     parser.add_argument("--ops", type=e2e_ops, default={}, help="per-op overrides of the step, e.g. mlp_tile_tokens=2048")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, interpret-mode kernels")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/fastft_qlora"))
@@ -392,9 +529,18 @@ def main(argv=None) -> int:
     print(f"bitsandbytes parity: {results['bitsandbytes_parity']}", flush=True)
     (out_dir / "qlora.json").write_text(json.dumps(results, indent=1))
     print("\n" + table(results), flush=True)
-    if args.sweep:
-        results["dequant_sweep"] = sweep_dequant(shapes, args.iters)
+
+    def save_sweep(rows):
+        results["dequant_sweep"] = rows
         (out_dir / "qlora.json").write_text(json.dumps(results, indent=1))
+
+    if args.sweep:
+        save_sweep(sweep_dequant(shapes, args.iters, on_row=save_sweep))
+    if args.layer:
+        results["layer"] = bench_layer(shapes, 48 if args.smoke else args.layer_tokens, 16, args.iters)
+        (out_dir / "qlora.json").write_text(json.dumps(results, indent=1))
+    if args.sweep or args.layer:
+        print("\n" + table({key: value for key, value in results.items() if key in ("dequant_sweep", "layer")}), flush=True)
     return 0
 
 

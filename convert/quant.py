@@ -325,6 +325,12 @@ def hf_to_kernel(flat: Array, kernel: QuantizedKernel) -> Array:
     return jnp.swapaxes(flat.reshape(*flat.shape[:-1], *kernel.hf_shape), -1, -2)
 
 
+def dequantize_hf_reference(kernel: QuantizedKernel, dtype: Any) -> Float[Array, "... d_out d_in"]:
+    """The weight in HF's [..., out, in] orientation (the order its bytes are in), in pure jnp."""
+    flat = dequantize_flat(kernel, dtype)
+    return flat.reshape(*flat.shape[:-1], *kernel.hf_shape)
+
+
 def dequantize_reference(kernel: QuantizedKernel, dtype: Any) -> Float[Array, "... d_in d_out"]:
     """The [..., in, out] kernel in dtype, in pure jnp."""
     return hf_to_kernel(dequantize_flat(kernel, dtype), kernel)

@@ -222,16 +222,37 @@ NF4_CODE_BOOK = tuple(quant.NF4_CODE.tolist())
 FUSED_DEQUANT_MAX_ROWS = 0
 
 
-def dequantize(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Float[Array, "... d_in d_out"]:
-    """The [in, out] kernel in dtype. NF4 of one layer goes through the Pallas kernel when chosen;
-    it is bit-identical to the jnp reference. No gradient flows into a frozen weight."""
-    if kernel.kind == "nf4" and kernel.codes.ndim == 1 and cfg.resolve("dequant") == "pallas":
-        flat = _kernel("dequant")(
-            kernel.codes, quant.block_absmax(kernel), code_book=NF4_CODE_BOOK, n=kernel.num_elements,
-            blocksize=kernel.blocksize, dtype=dtype,
+# A double-quantized NF4 kernel's absmax is decoded inside the dequant kernel (one Pallas call, no
+# XLA fusion before it); False decodes it with quant.block_absmax first. Both are bit-identical;
+# bench/qlora.py times the two.
+DEQUANT_NESTED_IN_KERNEL = True
+
+
+def _dequantize_nf4_flat(kernel: quant.QuantizedKernel, dtype: Any) -> Array:
+    """One layer's NF4 weight through the Pallas kernel, flat in HF order."""
+    format_args = {"code_book": NF4_CODE_BOOK, "n": kernel.num_elements, "blocksize": kernel.blocksize, "dtype": dtype}
+    if kernel.double_quantized and DEQUANT_NESTED_IN_KERNEL:
+        return nf4_kernels.dequantize_4bit_nested(
+            kernel.codes, kernel.absmax, jnp.asarray(quant.DYNAMIC_MAP), kernel.nested_absmax, kernel.nested_offset,
+            nested_blocksize=kernel.nested_blocksize, **format_args,
         )
-        return jax.lax.stop_gradient(quant.hf_to_kernel(flat, kernel))
-    return jax.lax.stop_gradient(quant.dequantize_reference(kernel, dtype))
+    return _kernel("dequant")(kernel.codes, quant.block_absmax(kernel), **format_args)
+
+
+def dequantize_hf(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Float[Array, "... d_out d_in"]:
+    """The weight in HF's [out, in] orientation, the order its bytes are stored in, so producing it
+    moves no data. The training path's GEMMs take it as it is: x W_hf^T in the forward, g W_hf for
+    dx. NF4 of one layer goes through the Pallas kernel when chosen; it is bit-identical to the jnp
+    reference. No gradient flows into a frozen weight."""
+    if kernel.kind == "nf4" and kernel.codes.ndim == 1 and cfg.resolve("dequant") == "pallas":
+        return jax.lax.stop_gradient(_dequantize_nf4_flat(kernel, dtype).reshape(kernel.hf_shape))
+    return jax.lax.stop_gradient(quant.dequantize_hf_reference(kernel, dtype))
+
+
+def dequantize(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Float[Array, "... d_in d_out"]:
+    """The [in, out] kernel in dtype (a transposed copy of dequantize_hf, for callers that need
+    the model's layout as an array)."""
+    return jnp.swapaxes(dequantize_hf(kernel, dtype, cfg), -1, -2)
 
 
 def _quantized_base(x2d: Array, kernel: quant.QuantizedKernel, cfg: OpsConfig) -> Array:
@@ -246,7 +267,11 @@ def _quantized_base(x2d: Array, kernel: quant.QuantizedKernel, cfg: OpsConfig) -
             blocksize=kernel.blocksize,
         )
         return out.astype(jnp.float32)
-    return jnp.dot(x2d, dequantize(kernel, x2d.dtype, cfg), preferred_element_type=jnp.float32)
+    # A transpose feeding a dot: XLA folds it into the dot's contracting dims (cuBLAS's transpose
+    # flag, XLA's TransposeFolding), so no [in, out] copy is written (tests/test_qlora.py checks
+    # the compiled HLO).
+    weight_hf = dequantize_hf(kernel, x2d.dtype, cfg)
+    return jnp.dot(x2d, weight_hf.T, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -258,10 +283,10 @@ def _quantized_linear_2d_fwd(x2d, kernel, cfg):
     return _quantized_linear_2d(x2d, kernel, cfg), kernel
 
 
-# y = x W: dx = g W^T, with W dequantized again here; W is frozen (no cotangent).
+# y = x W: dx = g W^T = g W_hf, with W dequantized again here; W is frozen (no cotangent).
 def _quantized_linear_2d_bwd(cfg, kernel, g):
-    weight = dequantize(kernel, g.dtype, cfg)
-    return jnp.dot(g, weight.T, preferred_element_type=jnp.float32).astype(g.dtype), None
+    weight_hf = dequantize_hf(kernel, g.dtype, cfg)
+    return jnp.dot(g, weight_hf, preferred_element_type=jnp.float32).astype(g.dtype), None
 
 
 _quantized_linear_2d.defvjp(_quantized_linear_2d_fwd, _quantized_linear_2d_bwd)
@@ -288,7 +313,9 @@ def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     kernel, x2d = _after(kernel, x2d)
     x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
-        out = lora_linear_kernels.base_plus_low_rank(x2d, dequantize(kernel, dtype, cfg), x_a, b.astype(dtype), scale)
+        # W_hf.T: folded into the GEMM, as in _quantized_base.
+        weight_hf = dequantize_hf(kernel, dtype, cfg)
+        out = lora_linear_kernels.base_plus_low_rank(x2d, weight_hf.T, x_a, b.astype(dtype), scale)
         return out, x_a
     base = _quantized_base(x2d, kernel, cfg)
     lora = jnp.dot(x_a, b.astype(dtype), preferred_element_type=jnp.float32)
@@ -298,7 +325,8 @@ def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
 # Gradient, as pallas_kernels/lora_linear.py derives it, with x' the adapter's input (x itself, or
 # x after LoRA dropout) and xa = x' a:
 #   db = s xa^T g,   d(xa) = s g b^T,   da = x'^T d(xa),   dx = g W^T,   dx' = d(xa) a^T
-# (dx + dx' when x' is x). W is dequantized again for g W^T instead of being saved by the forward.
+# (dx + dx' when x' is x). W is dequantized again for g W^T = g W_hf (HF's [out, in] is already
+# the [k, n] operand this GEMM wants) instead of being saved by the forward.
 def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     """(dx, dx', da, db); with separate_dx_lora False, dx already holds dx + dx' (one GEMM with
     the rank-r term as its addend) and dx' is None."""
@@ -310,11 +338,11 @@ def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
     kernel, g = _after(kernel, g)
-    weight_t = dequantize(kernel, dtype, cfg).T
+    weight_hf = dequantize_hf(kernel, dtype, cfg)
     if not separate_dx_lora:
-        dx = lora_linear_kernels.base_plus_low_rank(g, weight_t, d_x_a, a.astype(dtype).T, 1.0)
+        dx = lora_linear_kernels.base_plus_low_rank(g, weight_hf, d_x_a, a.astype(dtype).T, 1.0)
         return dx, None, da.astype(a.dtype), db.astype(b.dtype)
-    dx = jnp.dot(g, weight_t, preferred_element_type=dtype)
+    dx = jnp.dot(g, weight_hf, preferred_element_type=dtype)
     dx_lora = jnp.dot(d_x_a, a.astype(dtype).T, preferred_element_type=dtype)
     return dx, dx_lora, da.astype(a.dtype), db.astype(b.dtype)
 

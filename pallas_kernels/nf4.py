@@ -4,8 +4,11 @@ The format is bitsandbytes': a weight of n elements, flattened row-major, is cut
 `blocksize`; each element is a 4-bit index into a 16-value code book, two to a byte with the
 first element in the high nibble; element i is code_book[index[i]] * absmax[i // blocksize],
 computed in float32 and rounded once to the output dtype. The code book arrives as a static tuple
-of floats, so this file knows no format constants; absmax arrives as float32 (a double-quantized
-absmax is resolved by the caller: it is 1/blocksize of the elements).
+of floats, so this file knows no format constants. absmax arrives either as float32, or
+double-quantized (dequantize_4bit_nested): a uint8 code per block into a 256-entry float32 map
+(an input array), a float32 scale per nested_blocksize blocks and one float32 offset, decoded in
+the kernel as map[code] * scale, rounded to float32, then + offset, rounded again (bitsandbytes'
+two separate kernels).
 
 Neither op has a gradient: they read frozen weights (integer codes), so there is no custom_vjp.
 Callers that sit under jax.grad put the result behind stop_gradient.
@@ -52,6 +55,50 @@ def dequantize_4bit_reference(
     return (values * scale).astype(dtype)
 
 
+def _unfused(product, nonnegative):
+    """product, passed through an integer identity no compiler can see through (the sign bit of
+    nonnegative, loaded data, is 0), so that an add after it is not contracted into a fused
+    multiply-add: XLA and Triton (enable_fp_fusion) both contract a * b + c."""
+    zero = jax.lax.bitcast_convert_type(nonnegative, jnp.uint32) >> 31
+    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def decode_nested_absmax_reference(
+    absmax_codes: UInt8[Array, " blocks"],
+    absmax_map: Float[Array, " 256"],
+    nested_absmax: Float[Array, " nested"],
+    nested_offset: Float[Array, ""],
+    *,
+    nested_blocksize: int,
+) -> Float[Array, " blocks"]:
+    """The float32 absmax of each block: map[code] * nested_absmax[block // nested_blocksize],
+    rounded, then + offset, rounded (no fused multiply-add)."""
+    blocks = absmax_codes.shape[0]
+    scale = jnp.repeat(nested_absmax.astype(jnp.float32), nested_blocksize)[:blocks]
+    product = _unfused(absmax_map.astype(jnp.float32)[absmax_codes.astype(jnp.int32)] * scale, scale)
+    return product + jnp.asarray(nested_offset, jnp.float32)
+
+
+def dequantize_4bit_nested_reference(
+    codes: UInt8[Array, " bytes"],
+    absmax_codes: UInt8[Array, " blocks"],
+    absmax_map: Float[Array, " 256"],
+    nested_absmax: Float[Array, " nested"],
+    nested_offset: Float[Array, ""],
+    *,
+    code_book: Sequence[float],
+    n: int,
+    blocksize: int,
+    nested_blocksize: int,
+    dtype: Any,
+) -> Float[Array, " n"]:
+    absmax = decode_nested_absmax_reference(
+        absmax_codes, absmax_map, nested_absmax, nested_offset, nested_blocksize=nested_blocksize
+    )
+    return dequantize_4bit_reference(codes, absmax, code_book=code_book, n=n, blocksize=blocksize, dtype=dtype)
+
+
 def dequantize_4bit_matmul_reference(
     x: Float[Array, "m k"],
     codes: UInt8[Array, " bytes"],
@@ -71,7 +118,8 @@ def dequantize_4bit_matmul_reference(
 
 # ---------------------------------------------------------------------------------------------
 # The code-book lookup inside a kernel: a select tree on the index bits (15 selects of constants,
-# depth 4), since a Triton program cannot index a table by a vector of indices.
+# depth 4). A Triton program cannot index a tensor it holds by a vector of indices, only gather
+# from memory (as the nested absmax's 256-entry map is, below); 16 constants need no loads.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -94,17 +142,34 @@ def _unpack(packed, code_book: tuple[float, ...]):
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization kernel. The codes are viewed as [blocks, blocksize / 2] bytes and the output as
-# [blocks, blocksize]; a program converts block_rows quantization blocks (a few thousand elements):
-# one masked load of bytes and absmax, the select tree, one multiply, one store. It is memory
-# bound: half a byte in and two bytes out per element (bf16).
+# [blocks, blocksize]; a program converts block_rows quantization blocks (a few thousand elements)
+# per step, `steps` consecutive steps: one masked load of bytes and absmax, the select tree, one
+# multiply, one store. It is memory bound: half a byte in and two bytes out per element (bf16).
+#
+# The variants (DequantBlocks) only change how Triton moves the same values, never a rounding:
+#   layout "interleave": the two nibbles' values joined and reshaped to [rows, blocksize], one 2-D
+#     store (tl.interleave's join + reshape; the reshape may cost Triton a layout conversion).
+#   layout "join": the output viewed as [blocks, blocksize / 2, 2] and the joined values stored
+#     as they are, with no reshape.
+#   layout "strided": the same [blocks, blocksize / 2, 2] view, the high and low nibbles' values
+#     stored separately at stride 2, each in the layout its bytes were loaded in.
+#   steps > 1: a loop over consecutive row blocks in one program (fewer, longer programs); with
+#     num_stages > 1 Triton's pipeliner may prefetch the next step's bytes during this one's store.
+# A double-quantized absmax (dequantize_4bit_nested) is decoded per step from a block_rows gather
+# into the 256-entry map (Triton loads from a vector of pointers) and one nested scale per step
+# (a gather when a step straddles nested blocks).
 # ---------------------------------------------------------------------------------------------
+
+LAYOUTS = ("interleave", "join", "strided")
 
 
 @dataclasses.dataclass(frozen=True)
 class DequantBlocks:
-    block_rows: int = 64  # quantization blocks per program
+    block_rows: int = 64  # quantization blocks per step
     num_warps: int = 2
     num_stages: int = 1
+    steps: int = 1  # consecutive steps of block_rows per program
+    layout: str = "interleave"  # how the values are written: one of LAYOUTS
 
 
 def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:
@@ -115,21 +180,108 @@ def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:
     return DequantBlocks(block_rows=min(next_power_of_2(target), next_power_of_2(blocks)), num_warps=2)
 
 
-def _dequant_kernel(codes_ref, absmax_ref, out_ref, *, blocks: int, block_rows: int, code_book):
-    first = pl.program_id(0) * block_rows
-    rows = pl.ds(pl.multiple_of(first, block_rows), block_rows)
-    if blocks % block_rows == 0:
-        packed = codes_ref[rows, :]
-        absmax = absmax_ref[rows]
+def _check_blocks(blocks: DequantBlocks) -> None:
+    if blocks.layout not in LAYOUTS:
+        raise ValueError(f"DequantBlocks.layout={blocks.layout!r} is not one of {', '.join(LAYOUTS)}")
+    if blocks.steps < 1 or blocks.block_rows < 1 or blocks.block_rows & (blocks.block_rows - 1):
+        raise ValueError(f"DequantBlocks: block_rows must be a power of 2 and steps >= 1, got {blocks}")
+
+
+def _load_rows(ref, rows, valid):
+    """ref[rows, ...] with zeros where valid is False (None: every row is in bounds)."""
+    if valid is None:
+        return ref[rows] if ref.ndim == 1 else ref[rows, :]
+    if ref.ndim == 1:
+        return pltriton.load(ref.at[rows], mask=valid, other=0)
+    return pltriton.load(ref.at[rows, :], mask=valid[:, None], other=0)
+
+
+def _store_rows(ref, index, values, valid):
+    if valid is None:
+        ref[index] = values
     else:
-        valid = first + jnp.arange(block_rows) < blocks
-        packed = pltriton.load(codes_ref.at[rows, :], mask=valid[:, None], other=0)
-        absmax = pltriton.load(absmax_ref.at[rows], mask=valid, other=0)
-    values = (_unpack(packed, code_book) * absmax[:, None]).astype(out_ref.dtype)
-    if blocks % block_rows == 0:
-        out_ref[rows, :] = values
+        pltriton.store(ref.at[index], values, mask=valid[(slice(None),) + (None,) * (values.ndim - 1)])
+
+
+def _decode_nested(absmax_codes, map_ref, nested_ref, offset_ref, first, *, blocks, block_rows, nested_blocksize):
+    """decode_nested_absmax_reference for the block_rows blocks from `first`."""
+    table = map_ref[absmax_codes.astype(jnp.int32)]  # a gather: one pointer per block
+    if nested_blocksize % block_rows == 0:  # the step lies inside one nested block: one scale
+        scale = nested_ref[jnp.minimum(first, blocks - 1) // nested_blocksize]
     else:
-        pltriton.store(out_ref.at[rows, :], values, mask=valid[:, None])
+        row_ids = jnp.minimum(first + jnp.arange(block_rows), blocks - 1)
+        scale = nested_ref[row_ids // nested_blocksize]
+    scale = jnp.broadcast_to(scale, (block_rows,))
+    return _unfused(table * scale, scale) + offset_ref[0]
+
+
+def _dequant_kernel(
+    codes_ref, absmax_ref, *refs, blocks: int, block_rows: int, steps: int, layout: str, nested_blocksize: int,
+    code_book,
+):
+    if nested_blocksize:
+        map_ref, nested_ref, offset_ref, out_ref = refs
+    else:
+        (out_ref,) = refs
+    program_first = pl.program_id(0) * (block_rows * steps)
+    masked = blocks % (block_rows * steps) != 0
+
+    def step(index, carry):
+        first = program_first if steps == 1 else program_first + index * block_rows
+        rows = pl.ds(pl.multiple_of(first, block_rows), block_rows)
+        valid = first + jnp.arange(block_rows) < blocks if masked else None
+        packed = _load_rows(codes_ref, rows, valid)
+        absmax = _load_rows(absmax_ref, rows, valid)
+        if nested_blocksize:
+            absmax = _decode_nested(absmax, map_ref, nested_ref, offset_ref, first, blocks=blocks,
+                                    block_rows=block_rows, nested_blocksize=nested_blocksize)
+        if layout == "interleave":
+            values = (_unpack(packed, code_book) * absmax[:, None]).astype(out_ref.dtype)
+            _store_rows(out_ref, (rows, slice(None)), values, valid)
+            return carry
+        packed = packed.astype(jnp.int32)
+        high = (_lookup(packed >> 4, code_book) * absmax[:, None]).astype(out_ref.dtype)
+        low = (_lookup(packed & 15, code_book) * absmax[:, None]).astype(out_ref.dtype)
+        if layout == "join":
+            _store_rows(out_ref, (rows, slice(None), slice(None)), jax.lax.stack([high, low], axis=-1), valid)
+        else:  # an array index (not a Python int), which the interpreter's masked store takes
+            _store_rows(out_ref, (rows, slice(None), jnp.int32(0)), high, valid)
+            _store_rows(out_ref, (rows, slice(None), jnp.int32(1)), low, valid)
+        return carry
+
+    if steps == 1:
+        step(0, 0)
+    else:
+        jax.lax.fori_loop(0, steps, step, 0)
+
+
+def _dequantize(codes, absmax, nested, *, code_book, n, blocksize, nested_blocksize, dtype, blocks):
+    code_book = _check(code_book, blocksize)
+    num_blocks = cdiv(n, blocksize)
+    if absmax.shape != (num_blocks,) or codes.shape != (cdiv(n, 2),):
+        raise ValueError(
+            f"dequantize_4bit: {n} elements in blocks of {blocksize} need {cdiv(n, 2)} bytes and {num_blocks} "
+            f"absmax values, got codes {list(codes.shape)} and absmax {list(absmax.shape)}"
+        )
+    half = blocksize // 2
+    if codes.shape[0] != num_blocks * half:  # a partial last block: pad it to a whole one
+        codes = jnp.pad(codes, (0, num_blocks * half - codes.shape[0]))
+    blocks = blocks or _choose_dequant_blocks(num_blocks, blocksize)
+    _check_blocks(blocks)
+    kernel = functools.partial(
+        _dequant_kernel, blocks=num_blocks, block_rows=blocks.block_rows, steps=blocks.steps, layout=blocks.layout,
+        nested_blocksize=nested_blocksize, code_book=code_book,
+    )
+    out_shape = (num_blocks, blocksize) if blocks.layout == "interleave" else (num_blocks, half, 2)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(cdiv(num_blocks, blocks.block_rows * blocks.steps),),
+        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=use_interpret(),
+    )(codes.reshape(num_blocks, half), absmax, *nested)
+    out = out.reshape(-1)
+    return out if out.shape[0] == n else out[:n]
 
 
 def dequantize_4bit(
@@ -143,27 +295,38 @@ def dequantize_4bit(
     blocks: DequantBlocks | None = None,
 ) -> Float[Array, " n"]:
     """dequantize_4bit_reference as a Pallas-Triton kernel; bit-identical to it."""
-    code_book = _check(code_book, blocksize)
+    return _dequantize(codes, absmax.astype(jnp.float32), (), code_book=code_book, n=n, blocksize=blocksize,
+                       nested_blocksize=0, dtype=dtype, blocks=blocks)
+
+
+def dequantize_4bit_nested(
+    codes: UInt8[Array, " bytes"],
+    absmax_codes: UInt8[Array, " blocks"],
+    absmax_map: Float[Array, " 256"],
+    nested_absmax: Float[Array, " nested"],
+    nested_offset: Float[Array, ""],
+    *,
+    code_book: Sequence[float],
+    n: int,
+    blocksize: int,
+    nested_blocksize: int,
+    dtype: Any,
+    blocks: DequantBlocks | None = None,
+) -> Float[Array, " n"]:
+    """dequantize_4bit_nested_reference as one Pallas-Triton kernel (the absmax decoded inside it);
+    bit-identical to it."""
     num_blocks = cdiv(n, blocksize)
-    if absmax.shape != (num_blocks,) or codes.shape != (cdiv(n, 2),):
+    if (absmax_codes.dtype != jnp.uint8 or absmax_map.shape != (256,) or nested_blocksize < 1
+            or nested_absmax.shape != (cdiv(num_blocks, nested_blocksize),)):
         raise ValueError(
-            f"dequantize_4bit: {n} elements in blocks of {blocksize} need {cdiv(n, 2)} bytes and {num_blocks} "
-            f"absmax values, got codes {list(codes.shape)} and absmax {list(absmax.shape)}"
+            f"dequantize_4bit_nested: {num_blocks} blocks need uint8 absmax codes, a 256-value map and "
+            f"{cdiv(num_blocks, max(nested_blocksize, 1))} nested scales (nested_blocksize {nested_blocksize}), got "
+            f"{absmax_codes.dtype} codes, map {list(absmax_map.shape)}, nested {list(nested_absmax.shape)}"
         )
-    half = blocksize // 2
-    if codes.shape[0] != num_blocks * half:  # a partial last block: pad it to a whole one
-        codes = jnp.pad(codes, (0, num_blocks * half - codes.shape[0]))
-    blocks = blocks or _choose_dequant_blocks(num_blocks, blocksize)
-    kernel = functools.partial(_dequant_kernel, blocks=num_blocks, block_rows=blocks.block_rows, code_book=code_book)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((num_blocks, blocksize), dtype),
-        grid=(cdiv(num_blocks, blocks.block_rows),),
-        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=use_interpret(),
-    )(codes.reshape(num_blocks, half), absmax.astype(jnp.float32))
-    out = out.reshape(-1)
-    return out if out.shape[0] == n else out[:n]
+    nested = (absmax_map.astype(jnp.float32), nested_absmax.astype(jnp.float32),
+              jnp.asarray(nested_offset, jnp.float32).reshape(1))
+    return _dequantize(codes, absmax_codes, nested, code_book=code_book, n=n, blocksize=blocksize,
+                       nested_blocksize=nested_blocksize, dtype=dtype, blocks=blocks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,90 @@ def test_quantized_lora_linear_matches_lora_linear_on_the_dequantized_kernel(row
     assert relative_error(plain, jax.grad(lambda x: jnp.sum(jnp.sin(jnp.dot(x, weight))))(x)) <= 1e-5
 
 
+# HF [out, in] shapes: a real one with few rows (Qwen2.5-7B's hidden size as out) and an odd one
+# (a padded nibble, a partial last block, in not a multiple of 64).
+OPS_SHAPES = [(3584, 64), (37, 61)]
+
+
+@pytest.mark.parametrize("double_quant, nested_in_kernel", [(True, True), (True, False), (False, True)])
+def test_ops_dequantize_is_the_reference_bit_for_bit(monkeypatch, double_quant, nested_in_kernel):
+    """ops.dequantize_hf (HF's [out, in], what the training path multiplies by) and ops.dequantize
+    ([in, out]) through the Pallas kernel, the double-quantized absmax decoded in the kernel or by
+    XLA before it, equal convert.quant's references bit for bit, under jit."""
+    monkeypatch.setattr(ops, "DEQUANT_NESTED_IN_KERNEL", nested_in_kernel)
+    rng = np.random.default_rng()
+    cfg = dataclasses.replace(REFERENCE, dequant="pallas")
+    for shape in OPS_SHAPES:
+        kernel = quant.quantize_nf4(jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.01, 2.0), jnp.float32),
+                                    double_quant=double_quant)
+        weight_hf = jax.jit(lambda kernel: ops.dequantize_hf(kernel, jnp.bfloat16, cfg))(kernel)
+        assert weight_hf.shape == shape
+        assert np.array_equal(np.asarray(weight_hf), np.asarray(quant.dequantize_hf_reference(kernel, jnp.bfloat16)))
+        weight = jax.jit(lambda kernel: ops.dequantize(kernel, jnp.float32, cfg))(kernel)
+        assert np.array_equal(np.asarray(weight), np.asarray(quant.dequantize_reference(kernel, jnp.float32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_qlora_layer_is_the_16bit_lora_op_on_the_dequantized_weight_bit_for_bit(dtype):
+    """A QLoRA layer (the HF-layout weight, GEMMs contracting its in axis) computes exactly what the
+    16-bit LoRA op (impl="xla") computes on the dequantized [in, out] kernel: the forward and the
+    gradients of x, A and B equal bit for bit, both jitted so that XLA sees the same GEMMs."""
+    from pallas_kernels.lora_linear import lora_linear
+
+    rng = np.random.default_rng()
+    cfg = dataclasses.replace(REFERENCE, dequant="pallas")
+    for out_features, in_features in OPS_SHAPES:
+        kernel = quant.quantize_nf4(jnp.asarray(rng.standard_normal((out_features, in_features)), jnp.float32))
+        x = jnp.asarray(rng.standard_normal((24, in_features)), dtype)
+        a = jnp.asarray(rng.standard_normal((in_features, 8)) * 0.1, jnp.float32)
+        b = jnp.asarray(rng.standard_normal((8, out_features)) * 0.1, jnp.float32)
+        cotangent = jnp.asarray(rng.standard_normal((24, out_features)), dtype)
+
+        def quantized(kernel, x, a, b, cotangent):
+            out, vjp = jax.vjp(lambda x, a, b: ops.lora_linear(x, kernel, a, b, 2.0, cfg), x, a, b)
+            return out, vjp(cotangent)
+
+        def sixteen_bit(kernel, x, a, b, cotangent):
+            weight = jax.lax.stop_gradient(quant.dequantize_reference(kernel, dtype))
+            out, vjp = jax.vjp(lambda x, a, b: lora_linear(x, weight, a, b, 2.0, impl="xla"), x, a, b)
+            return out, vjp(cotangent)
+
+        got = jax.tree.leaves(jax.jit(quantized)(kernel, x, a, b, cotangent))
+        want = jax.tree.leaves(jax.jit(sixteen_bit)(kernel, x, a, b, cotangent))
+        assert len(got) == len(want) == 4
+        for got_leaf, want_leaf in zip(got, want):
+            assert got_leaf.dtype == want_leaf.dtype and np.array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+
+
+def test_training_path_writes_no_in_out_copy_of_the_weight():
+    """The forward (x W_hf^T) and backward (g W_hf) GEMMs take the dequantized weight in HF's
+    [out, in] layout: XLA folds the forward's transpose into the GEMM, so the compiled program
+    holds no [in, out] array and no [out, in] array in transposed layout (what a materialised
+    transpose becomes after layout assignment)."""
+    import re
+
+    rng = np.random.default_rng()
+    out_features, in_features = OPS_SHAPES[0]
+    kernel = quant.quantize_nf4(jnp.asarray(rng.standard_normal((out_features, in_features)), jnp.float32))
+    cfg = dataclasses.replace(REFERENCE, dequant="pallas")
+    x = jnp.asarray(rng.standard_normal((24, in_features)), jnp.bfloat16)
+    a = jnp.zeros((in_features, 8), jnp.float32)
+    b = jnp.zeros((8, out_features), jnp.float32)
+
+    def loss(x, a, b, kernel):
+        out = ops.lora_linear(x, kernel, a, b, 2.0, cfg) + ops.lora_linear(x, kernel, a, b, 2.0, cfg, x_for_lora=x * 0.5)
+        return jnp.sum((out + ops.linear(x, kernel, cfg)).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, a, b, kernel).compile().as_text()
+    transposed = re.compile(rf"\[{in_features},{out_features}\]|\[{out_features},{in_features}\]\{{0,1\}}")
+    assert not [line for line in hlo.splitlines() if transposed.search(line)]
+    # The pattern does catch a materialised [in, out] weight.
+    weight_sized = jnp.asarray(rng.standard_normal((in_features, out_features)), jnp.float32)
+    copy_hlo = jax.jit(lambda kernel, other: ops.dequantize(kernel, jnp.float32, cfg) * other).lower(
+        kernel, weight_sized).compile().as_text()
+    assert any(transposed.search(line) for line in copy_hlo.splitlines())
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_no_16bit_copy_of_a_frozen_weight_is_saved(tiny_checkpoints, checkpointing):
     """Whatever the backward keeps of the base is the quantized arrays, never a dequantized kernel."""

@@ -10,6 +10,7 @@ and a scalar port of the 8-bit binary search.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import ml_dtypes
@@ -215,6 +216,62 @@ def test_dequant_kernel_equals_reference(n_out, k, dtype):
     ref = nf4_kernels.dequantize_4bit_reference(codes, absmax, code_book=code_book, n=n, blocksize=64, dtype=dtype)
     assert out.dtype == dtype and out.shape == (n,)
     assert np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+# Every DequantBlocks field away from its default: the layouts, several steps a program (over a
+# partial last program), a step inside one nested 256-block (block_rows 16: one nested scale) and
+# one straddling several (block_rows 512: a gather of scales), warps and pipeline stages.
+DEQUANT_VARIANTS = [
+    nf4_kernels.DequantBlocks(),
+    nf4_kernels.DequantBlocks(block_rows=16, layout="join"),
+    nf4_kernels.DequantBlocks(block_rows=16, steps=3, layout="strided", num_stages=3),
+    nf4_kernels.DequantBlocks(block_rows=512, steps=2, layout="join", num_warps=4),
+    nf4_kernels.DequantBlocks(block_rows=512, layout="strided"),
+    nf4_kernels.DequantBlocks(block_rows=32, steps=3, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("blocks", DEQUANT_VARIANTS, ids=lambda blocks: f"{blocks.layout}-{blocks.block_rows}x{blocks.steps}")
+def test_dequant_kernel_variants_equal_reference(blocks):
+    """Each variant, with a float32 absmax and with a double-quantized one decoded in the kernel,
+    is bit-identical to the references: on a real shape with few rows ([3584, 64], 14 nested
+    blocks) and an odd one (a padded nibble, a partial last block). The nested reference is
+    bitsandbytes' in numpy, where map[q] * absmax2 and + offset are two float32 roundings; under
+    jit XLA would fuse them into one FMA if the kernel let it."""
+    rng = np.random.default_rng()
+    code_book = tuple(BNB_NF4.tolist())
+    for (n_out, k), dtype in (((3584, 64), jnp.bfloat16), ((37, 61), jnp.float32)):
+        n = n_out * k
+        num_blocks = -(-n // 64)
+        packed = rng.integers(0, 256, -(-n // 2)).astype(np.uint8)
+        absmax_codes = rng.integers(0, 256, num_blocks).astype(np.uint8)  # every map entry, not only likely ones
+        absmax2 = rng.uniform(0.01, 0.1, -(-num_blocks // 256)).astype(np.float32)
+        offset = np.float32(rng.uniform(0.0, 0.05))
+        nested = jax.jit(functools.partial(
+            nf4_kernels.dequantize_4bit_nested, code_book=code_book, n=n, blocksize=64, nested_blocksize=256,
+            dtype=dtype, blocks=blocks,
+        ))(packed, absmax_codes, quant.DYNAMIC_MAP, absmax2, offset)
+        expected = bnb_dequantize_nf4(packed, absmax_codes, absmax2, offset, n, 64, np.dtype(dtype))
+        assert nested.dtype == dtype and nested.shape == (n,)
+        assert np.array_equal(np.asarray(nested), expected)
+        if n_out == 37:
+            absmax = jnp.asarray(rng.uniform(0.0, 3.0, num_blocks), jnp.float32)
+            out = nf4_kernels.dequantize_4bit(packed, absmax, code_book=code_book, n=n, blocksize=64, dtype=dtype,
+                                              blocks=blocks)
+            ref = nf4_kernels.dequantize_4bit_reference(packed, absmax, code_book=code_book, n=n, blocksize=64,
+                                                        dtype=dtype)
+            assert np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_nested_absmax_reference_is_block_absmax():
+    """The kernel file's decode of a double-quantized absmax is convert.quant's, bit for bit."""
+    rng = np.random.default_rng()
+    kernel = quant.quantize_nf4(jnp.asarray(_random_weight(rng, (320, 256), np.float32)))
+    decoded = nf4_kernels.decode_nested_absmax_reference(
+        kernel.absmax, jnp.asarray(quant.DYNAMIC_MAP), kernel.nested_absmax, kernel.nested_offset,
+        nested_blocksize=kernel.nested_blocksize,
+    )
+    assert np.asarray(decoded).tobytes() == np.asarray(quant.block_absmax(kernel)).tobytes()
 
 
 @pytest.mark.parametrize("n_out, k, rows", [(4096, 1024, 3), (3584, 512, 1), (176, 64, 16)])
