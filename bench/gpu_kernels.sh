@@ -7,7 +7,8 @@
 # left of BUDGET seconds (default 560, under the device tool's 600) is skipped, not started.
 #   BUDGET=560 bash bench/gpu_kernels.sh PART...
 # Parts (limit in s): tests(240) memory(90) memory-sweep(200) matmul(240) attention(300)
-#   attention-sweep(150) anchors(200) dequant(90) dequant-sweep(180) decode(200) qlora-step(130)
+#   attention-sweep(150) anchors(200) dequant(120) dequant-sweep(300) qlora-layer(120) decode(200)
+#   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 # (default: tests memory matmul attention anchors)
 set -u
@@ -32,8 +33,8 @@ install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into 
 limit_of() {
   case $1 in
     tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 200 ;; matmul) echo 240 ;;
-    attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 90 ;;
-    dequant-sweep) echo 180 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
+    attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
+    dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
     long-bf16) echo 330 ;; *) echo 0 ;;
   esac
@@ -69,6 +70,8 @@ for part in $parts; do
     dequant-sweep) install_wheels
       PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --sweep --iters 20 \
         --out "$dir" > "$log" 2>&1 ;;
+    qlora-layer)  # one QLoRA layer's fwd+bwd: absmax decoded in the kernel vs by XLA, transposed copies
+      timeout $limit python3 bench/qlora.py --skip-step --layer --iters 20 --out "$dir" > "$log" 2>&1 ;;
     decode) timeout $limit python3 bench/decode.py --batches 1,32 --variants lora --decode-matmul pallas,reference \
       --budget $(( limit - 10 )) --out "$dir" > "$log" 2>&1 ;;
     qlora-step) timeout $limit python3 bench/qlora.py --checkpointing unsloth --steps 6 --warmup 1 \

@@ -239,13 +239,14 @@ def bench_layer(shapes: dict, tokens: int, rank: int, iters: int) -> list[dict]:
             return vjp(out)
 
         row = {"shape": label, "n_out": n_out, "k": k, "tokens": tokens}
+        default = ops.DEQUANT_NESTED_IN_KERNEL
         for nested_in_kernel in (True, False):
             ops.DEQUANT_NESTED_IN_KERNEL = nested_in_kernel
             fn = jax.jit(step)
             key = "nested_in_kernel" if nested_in_kernel else "nested_by_xla"
             row[f"{key}_weight_transposes"] = _weight_transposes(fn.lower(x, a, b, kernel).compile().as_text(), n_out, k)
             row[f"{key}_us"] = round(1e6 * _median_seconds(fn, x, a, b, kernel, iters=iters), 1)
-        ops.DEQUANT_NESTED_IN_KERNEL = True
+        ops.DEQUANT_NESTED_IN_KERNEL = default
         rows.append(row)
         print(f"layer {label}: {row}", flush=True)
     return rows

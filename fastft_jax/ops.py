@@ -222,10 +222,11 @@ NF4_CODE_BOOK = tuple(quant.NF4_CODE.tolist())
 FUSED_DEQUANT_MAX_ROWS = 0
 
 
-# A double-quantized NF4 kernel's absmax is decoded inside the dequant kernel (one Pallas call, no
-# XLA fusion before it); False decodes it with quant.block_absmax first. Both are bit-identical;
-# bench/qlora.py times the two.
-DEQUANT_NESTED_IN_KERNEL = True
+# True: a double-quantized NF4 kernel's absmax is decoded inside the dequant kernel (one Pallas
+# call, no XLA fusion before it); False decodes it with quant.block_absmax first. Bit-identical in
+# the interpreter (tests); off until bench/qlora.py has shown on the GPU that Triton keeps its two
+# float32 roundings apart (no FMA contraction) and that it is faster.
+DEQUANT_NESTED_IN_KERNEL = False
 
 
 def _dequantize_nf4_flat(kernel: quant.QuantizedKernel, dtype: Any) -> Array:
