@@ -40,6 +40,7 @@ import numpy as np
 from jaxtyping import Array, Float, UInt8
 
 from convert.errors import CheckpointError, UnsupportedModelError
+from pallas_kernels._common import unfused
 
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
@@ -278,16 +279,6 @@ def quantize_stacked(kernels: np.ndarray, kind: str, place=jnp.asarray) -> Quant
 # ---------------------------------------------------------------------------------------------
 
 
-def _unfused(product: Array, nonnegative: Array) -> Array:
-    """product, passed through an integer identity that no compiler can see through (the sign bit
-    of nonnegative, stored data, is 0), so that an add after it cannot be contracted into a fused
-    multiply-add: XLA's CPU and GPU backends contract a*b+c, and neither optimization_barrier nor
-    reduce_precision prevents it."""
-    zero = jax.lax.bitcast_convert_type(nonnegative, jnp.uint32) >> 31
-    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def block_absmax(kernel: QuantizedKernel) -> Float[Array, "... blocks"]:
     """The float32 absmax of every 64-block: dynamic_map[q] * absmax2, then + offset, two float32
     roundings as in bitsandbytes' separate kernels."""
@@ -296,7 +287,7 @@ def block_absmax(kernel: QuantizedKernel) -> Float[Array, "... blocks"]:
     blocks = kernel.absmax.shape[-1]
     table = jnp.asarray(DYNAMIC_MAP)
     nested = jnp.repeat(kernel.nested_absmax, kernel.nested_blocksize, axis=-1)[..., :blocks]
-    product = _unfused(table[kernel.absmax.astype(jnp.int32)] * nested, nested)
+    product = unfused(table[kernel.absmax.astype(jnp.int32)] * nested, nested)
     return product + kernel.nested_offset[..., None]
 
 

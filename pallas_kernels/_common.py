@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
 
@@ -32,3 +33,14 @@ def masked_load(ref, rows, cols, row_valid, col_valid):
     else:
         mask = row_valid[:, None] & col_valid[None, :]
     return pltriton.load(ref.at[rows, cols], mask=mask, other=0)
+
+
+def unfused(product, nonnegative):
+    """product, passed through an integer identity that no compiler can see through (the sign bit
+    of nonnegative, data known to be >= 0, is 0), so that an add after it is not contracted into a
+    fused multiply-add: XLA's CPU and GPU backends and Triton (enable_fp_fusion) all contract
+    a * b + c, and neither optimization_barrier nor reduce_precision prevents it. Used where a
+    format (bitsandbytes' double-quantized absmax) rounds the product and the sum separately."""
+    zero = jax.lax.bitcast_convert_type(nonnegative, jnp.uint32) >> 31
+    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)

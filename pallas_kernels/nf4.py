@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, UInt8
 
-from pallas_kernels._common import cdiv, masked_load, next_power_of_2, use_interpret
+from pallas_kernels._common import cdiv, masked_load, next_power_of_2, unfused, use_interpret
 
 
 def _check(code_book: Sequence[float], blocksize: int) -> tuple[float, ...]:
@@ -55,15 +55,6 @@ def dequantize_4bit_reference(
     return (values * scale).astype(dtype)
 
 
-def _unfused(product, nonnegative):
-    """product, passed through an integer identity no compiler can see through (the sign bit of
-    nonnegative, loaded data, is 0), so that an add after it is not contracted into a fused
-    multiply-add: XLA and Triton (enable_fp_fusion) both contract a * b + c."""
-    zero = jax.lax.bitcast_convert_type(nonnegative, jnp.uint32) >> 31
-    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def decode_nested_absmax_reference(
     absmax_codes: UInt8[Array, " blocks"],
     absmax_map: Float[Array, " 256"],
@@ -76,7 +67,7 @@ def decode_nested_absmax_reference(
     rounded, then + offset, rounded (no fused multiply-add)."""
     blocks = absmax_codes.shape[0]
     scale = jnp.repeat(nested_absmax.astype(jnp.float32), nested_blocksize)[:blocks]
-    product = _unfused(absmax_map.astype(jnp.float32)[absmax_codes.astype(jnp.int32)] * scale, scale)
+    product = unfused(absmax_map.astype(jnp.float32)[absmax_codes.astype(jnp.int32)] * scale, scale)
     return product + jnp.asarray(nested_offset, jnp.float32)
 
 
@@ -212,7 +203,7 @@ def _decode_nested(absmax_codes, map_ref, nested_ref, offset_ref, first, *, bloc
         row_ids = jnp.minimum(first + jnp.arange(block_rows), blocks - 1)
         scale = nested_ref[row_ids // nested_blocksize]
     scale = jnp.broadcast_to(scale, (block_rows,))
-    return _unfused(table * scale, scale) + offset_ref[0]
+    return unfused(table * scale, scale) + offset_ref[0]
 
 
 def _dequant_kernel(
