@@ -10,6 +10,8 @@
 #   attention-sweep(150) anchors(200) dequant(120) dequant-sweep(300) qlora-layer(120) decode(200)
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
+#   multi-gpu(540, on a 2-GPU kind: llama3-8b on 1 GPU and data=2, and a model too big for one GPU
+#   under FSDP; each row has 250 s)
 # (default: tests memory matmul attention anchors)
 set -u
 cd "$(dirname "$0")/.."
@@ -36,7 +38,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; *) echo 0 ;;
   esac
 }
 
@@ -88,6 +90,8 @@ for part in $parts; do
       > "$log" 2>&1 ;;
     long-qlora) timeout $limit python3 bench/long_context.py --configs qlora --deadline $(( limit - 20 )) \
       --out "$dir" > "$log" 2>&1 ;;
+    multi-gpu) OUT="$dir" timeout $limit python3 bench/multi_gpu.py --rows 8b-1,8b-data,big-fsdp --timeout 250 \
+      > "$log" 2>&1 ;;
     long-bf16) timeout $limit python3 bench/long_context.py --configs bf16 --deadline $(( limit - 20 )) \
       --out "$dir" > "$log" 2>&1 ;;
   esac
