@@ -6,7 +6,7 @@
 # and one log per part, so at most 5 parts a call). A part whose limit does not fit in what is
 # left of BUDGET seconds (default 560, under the device tool's 600) is skipped, not started.
 #   BUDGET=560 bash bench/gpu_kernels.sh PART...
-# Parts (limit in s): tests(240) memory(90) memory-sweep(200) matmul(240) attention(300)
+# Parts (limit in s): tests(240) memory(90) memory-sweep(240) matmul(240) attention(300)
 #   attention-sweep(150) anchors(200) dequant(120) dequant-sweep(300) qlora-layer(120) decode(200)
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
@@ -34,7 +34,7 @@ install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into 
 
 limit_of() {
   case $1 in
-    tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 200 ;; matmul) echo 240 ;;
+    tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 240 ;; matmul) echo 240 ;;
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;

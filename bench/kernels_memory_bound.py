@@ -205,26 +205,37 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
     return rows
 
 
-# Block settings the sweep tries, per kernel module: (module, attribute, values).
+# Block settings the sweep tries, per kernel module: (module, attribute, values), or
+# (module, (attribute, ...), ((value, ...), ...)) for settings that only make sense together.
 SWEEPS = {
     "rms_norm": [(rms_norm_module, "_BLOCK_ELEMENTS", (2048, 4096, 8192, 16384)),
                  (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512, 1024, 2048, 4096)),
                  (rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32)),
-                 (rms_norm_module, "_BACKWARD_PREFETCH", (False, True))],
+                 (rms_norm_module, "_BACKWARD_PREFETCH", (False, True)),
+                 # two rows a program at the default warps, and the prefetch with more programs
+                 (rms_norm_module, ("_BLOCK_ELEMENTS", "_ELEMENTS_PER_THREAD"), ((8192, 32), (16384, 32))),
+                 (rms_norm_module, ("_BACKWARD_PREFETCH", "_BACKWARD_PROGRAMS"), ((True, 512), (True, 1024)))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
     "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (4096, 8192, 16384, 32768)),
-                (rope_module, "_ELEMENTS_PER_THREAD", (8, 16, 32))],
+                (rope_module, "_ELEMENTS_PER_THREAD", (8, 16, 32, 64)),
+                # several tokens a program, each still on about two warps' worth of threads
+                (rope_module, ("_BLOCK_ELEMENTS", "_ELEMENTS_PER_THREAD"), ((8192, 32), (16384, 32), (16384, 64)))],
 }
 
 
 def sweep_case(case: Case, cotangent, warmup: int, iters: int) -> list[dict[str, Any]]:
     rows = []
-    for module, attribute, values in SWEEPS.get(case.op, []):
-        default = getattr(module, attribute)
-        try:
-            for value in values:
-                setattr(module, attribute, value)
+    for module, attributes, values in SWEEPS.get(case.op, []):
+        together = isinstance(attributes, tuple)
+        attributes = attributes if together else (attributes,)
+        defaults = tuple(getattr(module, attribute) for attribute in attributes)
+        for value in values:
+            value = value if together else (value,)
+            setting = ",".join(f"{attribute}={item}" for attribute, item in zip(attributes, value))
+            try:
+                for attribute, item in zip(attributes, value):
+                    setattr(module, attribute, item)
                 # The custom_vjp traces are cached by function and shapes; without this a new
                 # setting would silently reuse the kernel traced under the previous one.
                 jax.clear_caches()
@@ -235,16 +246,17 @@ def sweep_case(case: Case, cotangent, warmup: int, iters: int) -> list[dict[str,
                 )
                 backward, vjp = backward_fn(case.kernel, case.differentiable, case.aux)
                 bwd_ms = time_ms(backward, vjp, cotangent, warmup=warmup, iters=iters)
-                rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
-                             "default": value == default, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+                rows.append({"op": case.op, "model": case.model, "setting": setting,
+                             "default": value == defaults, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
                              "fwd_bwd_ms": fwd_bwd_ms})
                 print_sweep({"sweep": rows[-1:]}, header=False)  # as it goes: a cut-short run keeps it
-        except Exception as error:  # a setting that does not compile is a finding, not a crash
-            rows.append({"op": case.op, "model": case.model, "setting": f"{attribute}={value}",
-                         "error": f"{type(error).__name__}: {error}"[:500]})
-        finally:
-            setattr(module, attribute, default)
-            jax.clear_caches()
+            except Exception as error:  # a setting that does not compile is a finding, not a crash
+                rows.append({"op": case.op, "model": case.model, "setting": setting,
+                             "error": f"{type(error).__name__}: {error}"[:500]})
+            finally:
+                for attribute, item in zip(attributes, defaults):
+                    setattr(module, attribute, item)
+                jax.clear_caches()
     return rows
 
 
@@ -334,10 +346,10 @@ def print_sweep(results: dict[str, Any], header: bool = True) -> None:
         print("\nblock-size sweep (kernel only; * = current default)")
     for row in results["sweep"]:
         if "error" in row:
-            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s} ERROR {row['error'][:120]}")
+            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:40s} ERROR {row['error'][:120]}")
         else:
             mark = "*" if row["default"] else " "
-            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:24s}{mark} "
+            print(f"  {row['op']:18s} {row['model']:11s} {row['setting']:40s}{mark} "
                   f"fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms",
                   flush=True)
 
