@@ -15,8 +15,9 @@ its wheel is importable with CUDA), and a Llama-3-8B-shape QLoRA training step.
    codes instead of 4n/64, so its GB/s is an effective figure). Copy bandwidth: bench/timing.py's
    ceiling. Target (issue 7): the kernel at >= 80% of copy bandwidth. Every output is checked bit
    for bit against the reference on the GPU ("exact").
-   --sweep: the kernel's DequantBlocks (block_rows, warps, stages, steps a program, output layout)
-   and the nested decode on the smallest and largest shape, about 40 timings, each checked exact.
+   --sweep: the kernel's DequantBlocks (block_rows, warps, stages, steps a program, output layout,
+     code-book lookup)
+   and the nested decode on the smallest and largest shape, about 60 timings, each checked exact.
    --layer: one QLoRA layer's forward + backward (ops.lora_linear, 6144 tokens, r 16) per shape,
    the nested absmax decoded in the kernel and by XLA, and the count of [in, out]-sized transposes
    or copies in its compiled HLO (0 expected: the GEMMs take the HF layout).
@@ -133,10 +134,15 @@ def bench_dequant(shapes: dict, iters: int) -> list[dict]:
 
 
 def dequant_sweep_configs() -> list[tuple[bool, object]]:
-    """(nested, DequantBlocks) pairs, the current default first: 20 per shape."""
+    """(nested, DequantBlocks) pairs, the current default first, then the gather lookup (the
+    likeliest win: the select tree's ALU time is about the kernel's memory time): 29 per shape."""
     from pallas_kernels import nf4
 
     configs = [(False, nf4.DequantBlocks())]
+    for layout in nf4.LAYOUTS:
+        for block_rows, num_warps, num_stages, steps in ((64, 2, 1, 1), (128, 4, 1, 1), (64, 4, 3, 8)):
+            configs.append((False, nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps, num_stages=num_stages,
+                                                     steps=steps, layout=layout, lookup="gather")))
     for layout in nf4.LAYOUTS:
         for block_rows, num_warps, num_stages, steps in ((32, 2, 1, 1), (64, 2, 1, 1), (64, 4, 1, 1), (128, 4, 1, 1),
                                                          (64, 2, 2, 4), (64, 4, 3, 8)):
@@ -438,11 +444,12 @@ def table(results: dict) -> str:
                          f"{row['pallas_nested_us']} | {nested_share} | {row['xla_reference_gbs']} | "
                          f"{row['ops_dequantize_hf_us']} | {row['ops_dequantize_us']} | {row['exact']} |")
     if results.get("dequant_sweep"):
-        lines += ["", "| sweep shape | nested | block_rows | warps | stages | steps | layout | us | GB/s | exact |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| sweep shape | nested | block_rows | warps | stages | steps | layout | lookup | us | GB/s | exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in sorted(results["dequant_sweep"], key=lambda row: (row["shape"], row.get("us", float("inf")))):
             lines.append(f"| {row['shape']} | {row['nested']} | {row['block_rows']} | {row['num_warps']} | "
                          f"{row['num_stages']} | {row['steps']} | {row['layout']}{' (default)' if row.get('default') else ''} | "
+                         f"{row.get('lookup', 'select')} | "
                          f"{row.get('us', row.get('error', '')[:60])} | {row.get('gbs', '-')} | {row.get('exact', '-')} |")
     if results.get("layer"):
         lines += ["", "| layer fwd+bwd [out, in] | tokens | nested in kernel us | nested by XLA us | [in, out] copies |",

@@ -122,11 +122,13 @@ def _lookup(index, code_book: tuple[float, ...]):
     return level[0]
 
 
-def _unpack(packed, code_book: tuple[float, ...]):
-    """uint8 [rows, cols] to float32 [rows, 2 * cols]: high nibble first, interleaved."""
+def _unpack(packed, code_book: tuple[float, ...], lookup=None):
+    """uint8 [rows, cols] to float32 [rows, 2 * cols]: high nibble first, interleaved. lookup maps
+    an int32 index array to its values (default: the select tree over code_book)."""
+    lookup = lookup or functools.partial(_lookup, code_book=code_book)
     packed = packed.astype(jnp.int32)
-    high = _lookup(packed >> 4, code_book)
-    low = _lookup(packed & 15, code_book)
+    high = lookup(packed >> 4)
+    low = lookup(packed & 15)
     rows, cols = packed.shape
     return jax.lax.stack([high, low], axis=-1).reshape(rows, 2 * cols)
 
@@ -152,6 +154,12 @@ def _unpack(packed, code_book: tuple[float, ...]):
 # ---------------------------------------------------------------------------------------------
 
 LAYOUTS = ("interleave", "join", "strided")
+# "select": the select tree of _lookup (15 selects of constants per value, no memory access);
+# "gather": one load per value from the 16-entry code book passed as a 64-byte input, which stays
+# in L1 and spans 16 distinct banks, so a warp's loads never conflict. The select tree costs about
+# as many ALU cycles as the kernel's memory time on a Hopper card; the gather trades them for one
+# L1 load. Same values either way (the same float32 constants).
+LOOKUPS = ("select", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,7 @@ class DequantBlocks:
     num_stages: int = 1
     steps: int = 1  # consecutive steps of block_rows per program
     layout: str = "interleave"  # how the values are written: one of LAYOUTS
+    lookup: str = "select"  # how a 4-bit index becomes its code-book value: one of LOOKUPS
 
 
 def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:
@@ -174,6 +183,8 @@ def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:
 def _check_blocks(blocks: DequantBlocks) -> None:
     if blocks.layout not in LAYOUTS:
         raise ValueError(f"DequantBlocks.layout={blocks.layout!r} is not one of {', '.join(LAYOUTS)}")
+    if blocks.lookup not in LOOKUPS:
+        raise ValueError(f"DequantBlocks.lookup={blocks.lookup!r} is not one of {', '.join(LOOKUPS)}")
     if blocks.steps < 1 or blocks.block_rows < 1 or blocks.block_rows & (blocks.block_rows - 1):
         raise ValueError(f"DequantBlocks: block_rows must be a power of 2 and steps >= 1, got {blocks}")
 
@@ -207,9 +218,14 @@ def _decode_nested(absmax_codes, map_ref, nested_ref, offset_ref, first, *, bloc
 
 
 def _dequant_kernel(
-    codes_ref, absmax_ref, *refs, blocks: int, block_rows: int, steps: int, layout: str, nested_blocksize: int,
-    code_book,
+    codes_ref, absmax_ref, *refs, blocks: int, block_rows: int, steps: int, layout: str, lookup: str,
+    nested_blocksize: int, code_book,
 ):
+    if lookup == "gather":  # the code book as a 16-entry input, read by index
+        book_ref, *refs = refs
+        lookup_values = lambda index: book_ref[index]  # noqa: E731
+    else:
+        lookup_values = functools.partial(_lookup, code_book=code_book)
     if nested_blocksize:
         map_ref, nested_ref, offset_ref, out_ref = refs
     else:
@@ -227,12 +243,12 @@ def _dequant_kernel(
             absmax = _decode_nested(absmax, map_ref, nested_ref, offset_ref, first, blocks=blocks,
                                     block_rows=block_rows, nested_blocksize=nested_blocksize)
         if layout == "interleave":
-            values = (_unpack(packed, code_book) * absmax[:, None]).astype(out_ref.dtype)
+            values = (_unpack(packed, code_book, lookup_values) * absmax[:, None]).astype(out_ref.dtype)
             _store_rows(out_ref, (rows, slice(None)), values, valid)
             return carry
         packed = packed.astype(jnp.int32)
-        high = (_lookup(packed >> 4, code_book) * absmax[:, None]).astype(out_ref.dtype)
-        low = (_lookup(packed & 15, code_book) * absmax[:, None]).astype(out_ref.dtype)
+        high = (lookup_values(packed >> 4) * absmax[:, None]).astype(out_ref.dtype)
+        low = (lookup_values(packed & 15) * absmax[:, None]).astype(out_ref.dtype)
         if layout == "join":
             _store_rows(out_ref, (rows, slice(None), slice(None)), jax.lax.stack([high, low], axis=-1), valid)
         else:  # an array index (not a Python int), which the interpreter's masked store takes
@@ -261,8 +277,9 @@ def _dequantize(codes, absmax, nested, *, code_book, n, blocksize, nested_blocks
     _check_blocks(blocks)
     kernel = functools.partial(
         _dequant_kernel, blocks=num_blocks, block_rows=blocks.block_rows, steps=blocks.steps, layout=blocks.layout,
-        nested_blocksize=nested_blocksize, code_book=code_book,
+        lookup=blocks.lookup, nested_blocksize=nested_blocksize, code_book=code_book,
     )
+    book = (jnp.asarray(code_book, jnp.float32),) if blocks.lookup == "gather" else ()
     out_shape = (num_blocks, blocksize) if blocks.layout == "interleave" else (num_blocks, half, 2)
     out = pl.pallas_call(
         kernel,
@@ -270,7 +287,7 @@ def _dequantize(codes, absmax, nested, *, code_book, n, blocksize, nested_blocks
         grid=(cdiv(num_blocks, blocks.block_rows * blocks.steps),),
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=use_interpret(),
-    )(codes.reshape(num_blocks, half), absmax, *nested)
+    )(codes.reshape(num_blocks, half), absmax, *book, *nested)
     out = out.reshape(-1)
     return out if out.shape[0] == n else out[:n]
 

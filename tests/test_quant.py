@@ -228,10 +228,14 @@ DEQUANT_VARIANTS = [
     nf4_kernels.DequantBlocks(block_rows=512, steps=2, layout="join", num_warps=4),
     nf4_kernels.DequantBlocks(block_rows=512, layout="strided"),
     nf4_kernels.DequantBlocks(block_rows=32, steps=3, num_stages=2),
+    # the code book read by index from a 16-entry input instead of the select tree
+    nf4_kernels.DequantBlocks(block_rows=16, lookup="gather"),
+    nf4_kernels.DequantBlocks(block_rows=16, steps=3, layout="strided", lookup="gather"),
+    nf4_kernels.DequantBlocks(block_rows=32, layout="join", lookup="gather"),
 ]
 
 
-@pytest.mark.parametrize("blocks", DEQUANT_VARIANTS, ids=lambda blocks: f"{blocks.layout}-{blocks.block_rows}x{blocks.steps}")
+@pytest.mark.parametrize("blocks", DEQUANT_VARIANTS, ids=lambda blocks: f"{blocks.layout}-{blocks.lookup}-{blocks.block_rows}x{blocks.steps}")
 def test_dequant_kernel_variants_equal_reference(blocks):
     """Each variant, with a float32 absmax and with a double-quantized one decoded in the kernel,
     is bit-identical to the references: on a real shape with few rows ([3584, 64], 14 nested
