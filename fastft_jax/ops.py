@@ -256,6 +256,16 @@ def dequantize(kernel: quant.QuantizedKernel, dtype: Any, cfg: OpsConfig) -> Flo
     return jnp.swapaxes(dequantize_hf(kernel, dtype, cfg), -1, -2)
 
 
+def _dequantize_after(kernel: quant.QuantizedKernel, ready: Array, dtype: Any, cfg: OpsConfig) -> tuple[Array, Array]:
+    """(dequantize_hf(kernel), ready), the kernel passed through one optimization_barrier with
+    `ready`, the GEMM operand the weight meets: its dequantization cannot be scheduled before that
+    operand exists, so a layer's 16-bit weights are not all alive at once (XLA may otherwise start
+    every projection's dequantization at the top of the layer). The caller must use the returned
+    `ready`: XLA drops a barrier operand whose result is unused."""
+    kernel, ready = jax.lax.optimization_barrier((kernel, ready))
+    return dequantize_hf(kernel, dtype, cfg), ready
+
+
 def _quantized_base(x2d: Array, kernel: quant.QuantizedKernel, cfg: OpsConfig) -> Array:
     """x @ dequantize(kernel), float32 accumulator."""
     d_in, d_out = kernel.shape
@@ -271,7 +281,7 @@ def _quantized_base(x2d: Array, kernel: quant.QuantizedKernel, cfg: OpsConfig) -
     # A transpose feeding a dot: XLA folds it into the dot's contracting dims (cuBLAS's transpose
     # flag, XLA's TransposeFolding), so no [in, out] copy is written (tests/test_qlora.py checks
     # the compiled HLO).
-    weight_hf = dequantize_hf(kernel, x2d.dtype, cfg)
+    weight_hf, x2d = _dequantize_after(kernel, x2d, x2d.dtype, cfg)
     return jnp.dot(x2d, weight_hf.T, preferred_element_type=jnp.float32)
 
 
@@ -286,7 +296,7 @@ def _quantized_linear_2d_fwd(x2d, kernel, cfg):
 
 # y = x W: dx = g W^T = g W_hf, with W dequantized again here; W is frozen (no cotangent).
 def _quantized_linear_2d_bwd(cfg, kernel, g):
-    weight_hf = dequantize_hf(kernel, g.dtype, cfg)
+    weight_hf, g = _dequantize_after(kernel, g, g.dtype, cfg)
     return jnp.dot(g, weight_hf, preferred_element_type=jnp.float32).astype(g.dtype), None
 
 
@@ -300,22 +310,13 @@ def quantized_linear(
     return _quantized_linear_2d(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
 
 
-def _after(kernel: quant.QuantizedKernel, ready: Array) -> tuple[quant.QuantizedKernel, Array]:
-    """(kernel, ready) through one optimization_barrier: the dequantization that reads the kernel
-    cannot be scheduled before the GEMM input it feeds exists, so a layer's 16-bit weights are not
-    all alive at once (XLA may otherwise start every projection's dequantization at the top of the
-    layer). The caller must use both results: XLA drops a barrier operand whose result is unused."""
-    return jax.lax.optimization_barrier((kernel, ready))
-
-
 def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
     dtype = x2d.dtype
-    kernel, x2d = _after(kernel, x2d)
     x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
         # W_hf.T: folded into the GEMM, as in _quantized_base.
-        weight_hf = dequantize_hf(kernel, dtype, cfg)
+        weight_hf, x2d = _dequantize_after(kernel, x2d, dtype, cfg)
         out = lora_linear_kernels.base_plus_low_rank(x2d, weight_hf.T, x_a, b.astype(dtype), scale)
         return out, x_a
     base = _quantized_base(x2d, kernel, cfg)
@@ -338,8 +339,7 @@ def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     db = scale * jax.lax.dot_general(x_a, g, contract_rows, preferred_element_type=jnp.float32)
     d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
-    kernel, g = _after(kernel, g)
-    weight_hf = dequantize_hf(kernel, dtype, cfg)
+    weight_hf, g = _dequantize_after(kernel, g, dtype, cfg)
     if not separate_dx_lora:
         dx = lora_linear_kernels.base_plus_low_rank(g, weight_hf, d_x_a, a.astype(dtype).T, 1.0)
         return dx, None, da.astype(a.dtype), db.astype(b.dtype)
