@@ -116,23 +116,25 @@ def _backward_kernel(*refs, rows: int, hidden: int, rows_per_block: int, has_res
 
     num_steps = rows_per_program // rows_per_block
 
-    def load_block(step):
-        """x, d_normed (float32) and inv_rms of the step's rows; all masked off past the run."""
+    def load_block(step, may_pass_run: bool = False):
+        """x, d_normed (float32) and inv_rms of the step's rows, and their mask. may_pass_run: the
+        step can lie past the program's run (the prefetch of the step after the last), whose
+        loads are then masked off."""
         block = pl.ds(step * rows_per_block, rows_per_block)
         mask, row_valid = _block_masks(
             program_first_row + step * rows_per_block, rows_per_block, hidden_pad, rows, hidden
         )
-        in_run = step < num_steps
-        mask, row_valid = mask & in_run, row_valid & in_run
+        if may_pass_run:
+            in_run = step < num_steps
+            mask, row_valid = mask & in_run, row_valid & in_run
         x = pltriton.load(x_ref.at[block, :], mask=mask, other=0.0).astype(jnp.float32)
         d_normed = pltriton.load(d_normed_ref.at[block, :], mask=mask, other=0.0).astype(jnp.float32)
         inv_rms = pltriton.load(inv_rms_ref.at[block], mask=row_valid, other=0.0)
-        return x, d_normed, inv_rms
+        return x, d_normed, inv_rms, mask
 
-    def block_grads(step, x, d_normed, inv_rms):
+    def block_grads(step, x, d_normed, inv_rms, mask):
         """Stores the step's dx; returns its rows' share of dweight."""
         block = pl.ds(step * rows_per_block, rows_per_block)
-        mask, _ = _block_masks(program_first_row + step * rows_per_block, rows_per_block, hidden_pad, rows, hidden)
         normed = x * inv_rms[:, None]
         grad_normed = d_normed * weight[None, :]
         mean_grad_dot_normed = jnp.sum(grad_normed * normed, axis=1) / hidden
@@ -148,7 +150,7 @@ def _backward_kernel(*refs, rows: int, hidden: int, rows_per_block: int, has_res
         # the arithmetic (a program walks its rows one after another).
         def prefetching_step(step, carry):
             dweight_acc, loaded = carry
-            upcoming = load_block(step + 1)
+            upcoming = load_block(step + 1, may_pass_run=True)
             return dweight_acc + block_grads(step, *loaded), upcoming
 
         dweight, _ = jax.lax.fori_loop(0, num_steps, prefetching_step, (zeros, load_block(0)))
