@@ -173,6 +173,16 @@ def check_case(case: Case, cotangent) -> dict[str, Any]:
     return {"op": case.op, "model": case.model, "errors": errors, "worst_vs_f32": worst, "ok": worst <= 1e-2}
 
 
+def time_pass(case: Case, fn, pass_name: str, cotangent, warmup: int, iters: int) -> float:
+    """Milliseconds of one pass ("fwd", "bwd" alone, or "fwd+bwd") of fn on the case's inputs."""
+    if pass_name == "fwd":
+        return time_ms(forward_fn(fn), case.differentiable, case.aux, warmup=warmup, iters=iters)
+    if pass_name == "bwd":
+        backward, vjp = backward_fn(fn, case.differentiable, case.aux)
+        return time_ms(backward, vjp, cotangent, warmup=warmup, iters=iters)
+    return time_ms(forward_backward_fn(fn), case.differentiable, case.aux, cotangent, warmup=warmup, iters=iters)
+
+
 def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int) -> list[dict[str, Any]]:
     rows = []
     out_shapes = jax.eval_shape(lambda d, a: case.reference(*d, *a), case.differentiable, case.aux)
@@ -182,17 +192,9 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
     backward_bytes = case.backward_bytes
     forward_backward_bytes = forward_bytes + backward_bytes
 
-    def timed(pass_name, fn):
-        if pass_name == "fwd":
-            return time_ms(forward_fn(fn), case.differentiable, case.aux, warmup=warmup, iters=iters)
-        if pass_name == "bwd":
-            backward, vjp = backward_fn(fn, case.differentiable, case.aux)
-            return time_ms(backward, vjp, cotangent, warmup=warmup, iters=iters)
-        return time_ms(forward_backward_fn(fn), case.differentiable, case.aux, cotangent, warmup=warmup, iters=iters)
-
     for pass_name, traffic in [("fwd", forward_bytes), ("bwd", backward_bytes), ("fwd+bwd", forward_backward_bytes)]:
-        kernel_ms = timed(pass_name, case.kernel)
-        xla_ms = timed(pass_name, case.reference)
+        kernel_ms = time_pass(case, case.kernel, pass_name, cotangent, warmup, iters)
+        xla_ms = time_pass(case, case.reference, pass_name, cotangent, warmup, iters)
         kernel_gbps = traffic / (kernel_ms * 1e-3) / 1e9
         xla_gbps = traffic / (xla_ms * 1e-3) / 1e9
         rows.append({
@@ -239,16 +241,10 @@ def sweep_case(case: Case, cotangent, warmup: int, iters: int) -> list[dict[str,
                 # The custom_vjp traces are cached by function and shapes; without this a new
                 # setting would silently reuse the kernel traced under the previous one.
                 jax.clear_caches()
-                fwd_ms = time_ms(forward_fn(case.kernel), case.differentiable, case.aux, warmup=warmup, iters=iters)
-                fwd_bwd_ms = time_ms(
-                    forward_backward_fn(case.kernel), case.differentiable, case.aux, cotangent,
-                    warmup=warmup, iters=iters,
-                )
-                backward, vjp = backward_fn(case.kernel, case.differentiable, case.aux)
-                bwd_ms = time_ms(backward, vjp, cotangent, warmup=warmup, iters=iters)
+                times = {f"{pass_name.replace('+', '_')}_ms": time_pass(case, case.kernel, pass_name, cotangent, warmup, iters)
+                         for pass_name in ("fwd", "bwd", "fwd+bwd")}
                 rows.append({"op": case.op, "model": case.model, "setting": setting,
-                             "default": value == defaults, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-                             "fwd_bwd_ms": fwd_bwd_ms})
+                             "default": value == defaults, **times})
                 print_sweep({"sweep": rows[-1:]}, header=False)  # as it goes: a cut-short run keeps it
             except Exception as error:  # a setting that does not compile is a finding, not a crash
                 rows.append({"op": case.op, "model": case.model, "setting": setting,
