@@ -134,24 +134,22 @@ def bench_dequant(shapes: dict, iters: int) -> list[dict]:
 
 
 def dequant_sweep_configs() -> list[tuple[bool, object]]:
-    """(nested, DequantBlocks) pairs, the current default first, then the gather lookup (the
-    likeliest win: the select tree's ALU time is about the kernel's memory time): 29 per shape."""
+    """(nested, DequantBlocks) pairs, the current default first: the gather lookup (the default
+    since the session-4 sweep) over larger tiles and more warps, which it may now afford, then the
+    select tree at the old default's tiles for comparison, then the absmax decoded in the kernel."""
     from pallas_kernels import nf4
 
     configs = [(False, nf4.DequantBlocks())]
     for layout in nf4.LAYOUTS:
-        for block_rows, num_warps, num_stages, steps in ((64, 2, 1, 1), (128, 4, 1, 1), (64, 4, 3, 8)):
-            configs.append((False, nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps, num_stages=num_stages,
-                                                     steps=steps, layout=layout, lookup="gather")))
-    for layout in nf4.LAYOUTS:
         for block_rows, num_warps, num_stages, steps in ((32, 2, 1, 1), (64, 2, 1, 1), (64, 4, 1, 1), (128, 4, 1, 1),
-                                                         (64, 2, 2, 4), (64, 4, 3, 8)):
+                                                         (256, 4, 1, 1), (256, 8, 1, 1), (64, 2, 2, 4)):
             blocks = nf4.DequantBlocks(block_rows=block_rows, num_warps=num_warps, num_stages=num_stages, steps=steps,
-                                       layout=layout)
+                                       layout=layout, lookup="gather")
             if (False, blocks) not in configs:
                 configs.append((False, blocks))
+        configs.append((False, nf4.DequantBlocks(layout=layout, lookup="select")))
     configs += [(True, nf4.DequantBlocks()), (True, nf4.DequantBlocks(layout="join")),
-                (True, nf4.DequantBlocks(num_stages=2, steps=4, layout="join"))]
+                (True, nf4.DequantBlocks(block_rows=128, num_warps=4)), (True, nf4.DequantBlocks(lookup="select"))]
     return configs
 
 

@@ -169,7 +169,9 @@ class DequantBlocks:
     num_stages: int = 1
     steps: int = 1  # consecutive steps of block_rows per program
     layout: str = "interleave"  # how the values are written: one of LAYOUTS
-    lookup: str = "select"  # how a 4-bit index becomes its code-book value: one of LOOKUPS
+    # "gather": the [4096, 14336] weight took 49-51 us against 76-93 us with "select" in every
+    # block shape of the 2026-11-28 H200 sweep (session 4, bench/RESULTS.md), bit-identical.
+    lookup: str = "gather"  # how a 4-bit index becomes its code-book value: one of LOOKUPS
 
 
 def _choose_dequant_blocks(blocks: int, blocksize: int) -> DequantBlocks:

@@ -36,13 +36,15 @@ def rms_norm_reference(
 # Elements (rows x padded hidden) one program holds at a time: a 4096-wide row is a block of its
 # own, narrower rows are packed several to a program.
 _BLOCK_ELEMENTS = 4096
-# The backward aims at about this many programs: about two per SM of an H100/H200's 132, few
-# enough that the dweight partial sums stay small. 256 ran fwd+bwd in 0.208 ms against 0.217-0.221
-# at 512 and 0.244 at 4096 (H200 sweep, bench/RESULTS.md).
-_BACKWARD_PROGRAMS = 256
+# The backward aims at about this many programs: a few per SM of an H100/H200's 132, few enough
+# that the dweight partial sums stay small. Alone, 256 and 512 are within the sweeps' noise
+# (0.202 / 0.201 ms fwd+bwd on the 2026-11-28 H200 session-4 sweep); with the prefetching loop
+# below, 512 gave the fastest backward measured (0.124 ms against 0.154 for 256 without it).
+_BACKWARD_PROGRAMS = 512
 # Whether a backward program issues the loads of its next rows before reducing the current ones
-# (a hand-pipelined loop). On by default only once a GPU sweep shows it faster (bench/RESULTS.md).
-_BACKWARD_PREFETCH = False
+# (a hand-pipelined loop): the backward took 0.124-0.136 ms with it against 0.137-0.155 without it
+# in the same H200 sweep (bench/RESULTS.md, fourth session), so it is on.
+_BACKWARD_PREFETCH = True
 # Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
 # copy of the block stays in registers.
 _ELEMENTS_PER_THREAD = 16

@@ -228,10 +228,10 @@ DEQUANT_VARIANTS = [
     nf4_kernels.DequantBlocks(block_rows=512, steps=2, layout="join", num_warps=4),
     nf4_kernels.DequantBlocks(block_rows=512, layout="strided"),
     nf4_kernels.DequantBlocks(block_rows=32, steps=3, num_stages=2),
-    # the code book read by index from a 16-entry input instead of the select tree
-    nf4_kernels.DequantBlocks(block_rows=16, lookup="gather"),
-    nf4_kernels.DequantBlocks(block_rows=16, steps=3, layout="strided", lookup="gather"),
-    nf4_kernels.DequantBlocks(block_rows=32, layout="join", lookup="gather"),
+    # the select tree of constants instead of the default's code book read by index
+    nf4_kernels.DequantBlocks(block_rows=16, lookup="select"),
+    nf4_kernels.DequantBlocks(block_rows=16, steps=3, layout="strided", lookup="select"),
+    nf4_kernels.DequantBlocks(block_rows=32, layout="join", lookup="select"),
 ]
 
 
