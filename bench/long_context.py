@@ -25,8 +25,8 @@ allocator is capped at min(budget, card) - RESERVE. Every trial records the memo
 used outside the allocator (nvidia-smi's figure for the process less the allocator's pool) to
 check that assumption.
 
-How the cap is made real. Each child gets XLA_PYTHON_CLIENT_MEM_FRACTION (and its newer name
-XLA_CLIENT_MEM_FRACTION) = cap / total device memory, with XLA_PYTHON_CLIENT_PREALLOCATE=true,
+How the cap is made real. Each child gets XLA_CLIENT_MEM_FRACTION (never together with its
+deprecated name XLA_PYTHON_CLIENT_MEM_FRACTION: jaxlib refuses both) = cap / total device memory, with XLA_PYTHON_CLIENT_PREALLOCATE=true,
 and JAX_PLATFORMS=cuda so that a backend that fails to start is an error, not a silent CPU run.
 Why preallocation: the JAX GPU memory docs give the fraction as the size of the preallocated
 pool; with preallocation off the pool grows on demand and fragments, and how far it may grow
@@ -446,8 +446,13 @@ class Runner:
         env["JAX_PLATFORMS"] = "cuda"
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
         env.pop("XLA_PYTHON_CLIENT_ALLOCATOR", None)
+        # jaxlib (0.10 and 0.11) reads XLA_CLIENT_MEM_FRACTION, or the deprecated
+        # XLA_PYTHON_CLIENT_MEM_FRACTION when it is unset, and refuses to start the GPU backend when
+        # both are set: only the current name is set, and an inherited deprecated one removed.
+        env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+        env.pop("XLA_CLIENT_MEM_FRACTION", None)
         if fraction_value is not None:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env["XLA_CLIENT_MEM_FRACTION"] = fraction_value
+            env["XLA_CLIENT_MEM_FRACTION"] = fraction_value
         if xla_flag:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flag}".strip()
         return env
