@@ -253,7 +253,8 @@ def decoder_hidden(
 
     if gradient_checkpointing:
         body = jax.checkpoint(body, policy=_checkpoint_policy(gradient_checkpointing), prevent_cse=False)
-    hidden, _ = jax.lax.scan(body, hidden, (params["layers"], layers_lora, layer_rngs))
+    hidden, _ = jax.lax.scan(body, hidden, (params["layers"], layers_lora, layer_rngs),
+                             unroll=ops_config.scan_unroll(config.num_layers))
     return ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, ops_config)
 
 

@@ -93,6 +93,12 @@ class OpsConfig:
     # whose [tokens, intermediate] activation would pass tiling.AUTO_START_BYTES, or, under
     # use_gradient_checkpointing="unsloth", tiling.OFFLOAD_TILE_BYTES.
     mlp_tile_tokens: int | str = "auto"
+    # Decoder layers per step of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer
+    # whatever the depth; 0 unrolls every layer, so each layer's weights are static slices of the
+    # stacked arrays instead of dynamic ones (the dynamic slices are copied before cuBLAS reads
+    # them, ~7 % of a Llama-3-8B step on the GPU, bench/NOTES.md). An experiment knob for bench/e2e.py
+    # (--ops layer_unroll=0) until a GPU run shows what it does to speed and compile time.
+    layer_unroll: int = 1
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -113,7 +119,15 @@ class OpsConfig:
                 f"kernels.mlp_tile_tokens={tile!r}: use a positive number of tokens per MLP tile, 0 for no "
                 'tiling, or "auto"'
             )
+        unroll = self.layer_unroll
+        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0:
+            raise ConfigError(f"kernels.layer_unroll={unroll!r}: use a number of layers per scan step (1 by "
+                              "default), or 0 to unroll every layer")
         return self
+
+    def scan_unroll(self, num_layers: int) -> int:
+        """jax.lax.scan's unroll for a stack of num_layers layers."""
+        return num_layers if self.layer_unroll == 0 else min(self.layer_unroll, num_layers)
 
     def resolve(self, op: str) -> str:
         """'reference' or 'pallas' (attention: also 'cudnn' / 'xla' / 'auto')."""

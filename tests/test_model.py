@@ -218,3 +218,46 @@ def test_checkpointing_modes_keep_what_they_promise():
     if has_pinned_host():  # "unsloth": the layer inputs live in host memory, nothing stacked on the device
         assert stacked_residual_floats("unsloth") == 0
         assert stacked_residual_floats("unsloth", "<host>") == hidden * batch * seq * layers
+
+
+@pytest.mark.parametrize("unroll", [0, 2])
+def test_unrolled_layers_equal_the_scan(unroll):
+    """kernels.layer_unroll changes how XLA loops over the layers, not what they compute: the loss
+    and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too."""
+    import dataclasses
+
+    from convert.hf import PROJECTIONS, ModelConfig
+    from fastft_jax import ops
+    from fastft_jax.lora import LoRAConfig, init_lora_params
+    from fastft_jax.model import decoder_hidden, random_params
+
+    config = ModelConfig("llama", 512, 256, 704, 3, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
+    lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
+    # B starts at zero: give it values so that every LoRA gradient is non-trivial.
+    lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
+    input_ids = jax.random.randint(jax.random.key(seed + 3), (2, 24), 0, config.vocab_size)
+    reference = ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES})
+
+    def loss_and_grads(ops_config):
+        def loss(lora):
+            hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
+                                    ops_config=ops_config, compute_dtype=jnp.float32, gradient_checkpointing="selective")
+            return jnp.mean(hidden**2)
+
+        return jax.value_and_grad(loss)(lora)
+
+    scan_loss, scan_grads = loss_and_grads(reference)
+    unrolled_loss, unrolled_grads = loss_and_grads(dataclasses.replace(reference, layer_unroll=unroll))
+    assert relative_error(np.asarray(unrolled_loss), np.asarray(scan_loss)) <= 1e-5
+    for got, want in zip(jax.tree.leaves(unrolled_grads), jax.tree.leaves(scan_grads), strict=True):
+        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+
+
+def test_layer_unroll_must_be_a_count():
+    from fastft_jax import ops
+
+    for bad in (-1, 1.5, True, "all"):
+        with pytest.raises(ConfigError, match="layer_unroll"):
+            ops.OpsConfig(layer_unroll=bad).validated()
