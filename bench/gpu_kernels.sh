@@ -10,6 +10,8 @@
 #   attention-sweep(150) anchors(200) dequant(120) dequant-sweep(300) qlora-layer(120) decode(200)
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
+#   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
+#   XLA's dynamic-slice fusion, one e2e run each)
 #   multi-gpu(540, on a 2-GPU kind: llama3-8b on 1 GPU and data=2, and a model too big for one GPU
 #   under FSDP; each row has 250 s)
 # (default: tests memory matmul attention anchors)
@@ -38,7 +40,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; unroll-ab) echo 360 ;; *) echo 0 ;;
   esac
 }
 
@@ -94,6 +96,15 @@ for part in $parts; do
       > "$log" 2>&1 ;;
     long-bf16) timeout $limit python3 bench/long_context.py --configs bf16 --deadline $(( limit - 20 )) \
       --out "$dir" > "$log" 2>&1 ;;
+    unroll-ab)  # the weight-slice copies: does a static slice (every layer unrolled) avoid them?
+      for variant in scan unrolled unrolled-dsf; do
+        ops=""; flags=""
+        [ "$variant" != scan ] && ops="--ops layer_unroll=0"
+        [ "$variant" = unrolled-dsf ] && flags="--xla-flags=--xla_gpu_enable_dynamic_slice_fusion=true"
+        echo "== $variant" >> "$log"
+        timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
+          --warmup 1 --deadline 110 --config-timeout 105 $ops $flags --out "$dir/$variant" >> "$log" 2>&1
+      done ;;
   esac
   echo "== $part rc=$? took $(( $(date +%s) - start )) s" | tee -a "$OUT/parts.log"
   tar -C "$WORK" -czf "$OUT/results.tgz" .
