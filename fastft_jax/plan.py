@@ -7,10 +7,12 @@ it into the base weights (by storage: 16-bit, NF4 codes with their absmax and do
 tensors, int8), the LoRA parameters, AdamW's m and v, the gradients, the activations each layer
 saves for the backward, the largest transient (one layer's backward, its recompute included) and
 the loss head. `max_seq_length_that_fits` and `max_batch_size_that_fits` search the prediction
-for the largest run that fits a budget. SFTTrainer calls `check_run_fits` before it builds its
-step, so a run that cannot fit stops with the numbers instead of running out of memory minutes in,
-and `choose_checkpointing` before it, which resolves use_gradient_checkpointing="auto" to the
-fastest mode (CHECKPOINT_SPEED_ORDER) whose predicted peak fits.
+for the largest run that fits a budget (and the host's memory, given one). SFTTrainer calls
+`check_run_fits` before it builds its step, so a run that cannot fit, on the device or, under
+"unsloth", in pinned host memory (`host_memory_available`), stops with the numbers instead of
+running out of memory minutes in, and `choose_checkpointing` before it, which resolves
+use_gradient_checkpointing="auto" to the fastest mode (CHECKPOINT_SPEED_ORDER) whose predicted
+peak fits.
 
 Two sources of numbers:
   - "compiled": XLA's memory analysis of the jitted train step, lowered on abstract shapes
@@ -39,6 +41,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import os
 import re
 import sys
 from typing import Any, Mapping
@@ -604,7 +607,11 @@ class MemoryPlan:
         return self.peak <= memory_limit
 
     def table(self, memory_limit: int | None = None, limit_source: str = "",
-              max_seq_length_fits: int | None = None, max_batch_fits: int | None = None) -> str:
+              max_seq_length_fits: int | None = None, max_batch_fits: int | None = None,
+              host_limit: int | None = None, host_source: str = "") -> str:
+        """The split as a table; with memory_limit, the verdict and the largest run that fits (as
+        given: the CLI searches with host_limit too when the plan offloads). host_limit: the host
+        memory free for pinned buffers, printed beside the host line."""
         quantized = f", {self.quantization} base" if self.quantization else ""
         mode = mode_name(self.gradient_checkpointing)
         lines = [
@@ -641,18 +648,26 @@ class MemoryPlan:
                          "   (argument + output - alias + temp)")
         if self.host:
             lines.append(f"{'  host memory (offloaded layer inputs)':<{width}}{_gib(self.host):>12}   (pinned)")
+            if host_limit is None:
+                lines.append("  host memory available: not known here; pass --host-memory 128GB for what fits the host")
+            else:
+                spare = host_limit - self.host
+                verdict = f"fits, {_gib(spare)} spare" if spare >= 0 else f"does NOT fit: {_gib(-spare)} over"
+                label = "  host memory available" + (f" ({host_source})" if host_source else "")
+                lines.append(f"{label:<{width}}{_gib(host_limit):>12}   {verdict}")
         if memory_limit is None:
             lines.append("  no memory limit known: pass --memory 24GB (or set training.memory_limit) for what fits")
             return "\n".join(lines)
         spare = memory_limit - self.peak
         verdict = f"fits, {_gib(spare)} spare" if spare >= 0 else f"does NOT fit: {_gib(-spare)} over"
         lines.append(f"{'  memory limit' + (f' ({limit_source})' if limit_source else ''):<{width}}{_gib(memory_limit):>12}   {verdict}")
+        both = "   (device and host)" if self.host and host_limit is not None else ""
         if max_seq_length_fits is not None:
             lines.append(f"{f'  largest max_seq_length that fits at batch {self.batch_size}':<{width}}"
-                         f"{max_seq_length_fits:>12,}")
+                         f"{max_seq_length_fits:>12,}{both}")
         if max_batch_fits is not None:
             lines.append(f"{f'  largest batch that fits at max_seq_length {self.max_seq_length}':<{width}}"
-                         f"{max_batch_fits:>12,}")
+                         f"{max_batch_fits:>12,}{both}")
         return "\n".join(lines)
 
 
@@ -818,24 +833,33 @@ def _tiling_break(spec: _Spec, per_unit: int) -> tuple[int, ...]:
     return (start // bytes_per_token // per_unit,)
 
 
-def _fits_with(spec: _Spec, weights: dict[str, int], memory_limit: int, **change: int):
-    return _estimate(dataclasses.replace(spec, **change), weights).peak <= memory_limit
+def _fits_with(spec: _Spec, weights: dict[str, int], memory_limit: int, host_limit: int | None, **change: int):
+    # The host memory grows with the tokens as the peak does, so each stretch stays monotone.
+    estimate = _estimate(dataclasses.replace(spec, **change), weights)
+    return estimate.peak <= memory_limit and (host_limit is None or estimate.host <= host_limit)
 
 
 def max_seq_length_that_fits(memory_limit: int | str, config: ModelConfig, *, max_length: int = 1 << 24,
-                             base_params: Any = None, **plan_args: Any) -> int:
+                             base_params: Any = None, host_memory_limit: int | str | None = None,
+                             **plan_args: Any) -> int:
     """The largest max_seq_length (at the given batch) whose predicted peak fits memory_limit, by
-    search over the formula; 0 when not even one token fits."""
+    search over the formula; 0 when not even one token fits. host_memory_limit (bytes of host
+    memory for pinned buffers, e.g. host_memory_available()): the offloaded layer inputs of
+    "unsloth" on a GPU must fit it too; None: the device alone."""
     limit, spec, weights = _search_inputs(memory_limit, config, base_params, plan_args)
-    return _largest(lambda n: _fits_with(spec, weights, limit, max_seq_length=n), max_length,
+    host_limit = parse_memory_size(host_memory_limit, "host_memory_limit")
+    return _largest(lambda n: _fits_with(spec, weights, limit, host_limit, max_seq_length=n), max_length,
                     _tiling_break(spec, spec.batch_size))
 
 
 def max_batch_size_that_fits(memory_limit: int | str, config: ModelConfig, *, max_batch: int = 1 << 16,
-                             base_params: Any = None, **plan_args: Any) -> int:
-    """The largest per-device batch (at the given max_seq_length) whose predicted peak fits."""
+                             base_params: Any = None, host_memory_limit: int | str | None = None,
+                             **plan_args: Any) -> int:
+    """The largest per-device batch (at the given max_seq_length) whose predicted peak fits
+    (and, given host_memory_limit, whose offloaded layer inputs fit the host)."""
     limit, spec, weights = _search_inputs(memory_limit, config, base_params, plan_args)
-    return _largest(lambda n: _fits_with(spec, weights, limit, batch_size=n), max_batch,
+    host_limit = parse_memory_size(host_memory_limit, "host_memory_limit")
+    return _largest(lambda n: _fits_with(spec, weights, limit, host_limit, batch_size=n), max_batch,
                     _tiling_break(spec, spec.max_seq_length))
 
 
@@ -893,6 +917,26 @@ def device_memory_limit() -> int | None:
         return None
     limit = (stats or {}).get("bytes_limit")
     return int(limit) if limit else None
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory free for pinned buffers now: MemAvailable of /proc/meminfo on Linux
+    (free memory plus what the kernel can reclaim), else the physical memory (os.sysconf); None
+    where neither is known. check_run_fits and the CLI call it through this module, so a test can
+    replace it."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    return int(value.split()[0]) << 10  # the kernel's "kB" are KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
 
 
 def resolve_memory_limit(setting: int | str | None, where: str = "training.memory_limit") -> tuple[int | None, str]:
@@ -968,12 +1012,16 @@ def choose_run_checkpointing(model: Any, args: Any, data_config: Any, fsdp: int 
 
 
 def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1,
-                   gradient_checkpointing: bool | str | None = None) -> MemoryPlan | None:
+                   gradient_checkpointing: bool | str | None = None, devices_on_host: int = 1) -> MemoryPlan | None:
     """SFTTrainer's check before its step is built: with a memory limit known (args.memory_limit,
     else the device's bytes_limit), a run whose predicted peak passes it raises one ConfigError
-    with the peak, the limit, and the largest max_seq_length and batch that fit. Uses the formula:
-    instant, and no compile before the trainer's own. Returns the plan, or None without a limit.
-    gradient_checkpointing: the mode to check (default: the model's, "auto" as the layers run it)."""
+    with the peak, the limit, and the largest max_seq_length and batch that fit. Then, where the
+    run keeps its layer inputs in pinned host memory ("unsloth" on a GPU) and
+    host_memory_available() knows the host's free memory, a run whose host need passes that
+    raises one too. Uses the formula: instant, and no compile before the trainer's own. Returns
+    the plan, or None without a limit (training.memory_limit "off" skips both checks).
+    gradient_checkpointing: the mode to check (default: the model's, "auto" as the layers run it).
+    devices_on_host: how many of the run's devices share this host (each offloads its own inputs)."""
     limit, where = resolve_memory_limit(getattr(args, "memory_limit", None))
     if limit is None:
         return None
@@ -982,11 +1030,22 @@ def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1,
         gradient_checkpointing = layer_checkpoint_mode(model.gradient_checkpointing)
     plan_args = _run_plan_args(model, args, data_config, fsdp, gradient_checkpointing)
     plan = plan_memory(model.config, source="shapes", base_params=base, **plan_args)
-    if plan.fits(limit):
+    if not plan.fits(limit):
+        longest = max_seq_length_that_fits(limit, model.config, base_params=base, **plan_args)
+        widest = max_batch_size_that_fits(limit, model.config, base_params=base, **plan_args)
+        raise ConfigError(_does_not_fit_message(plan, limit, where, longest, widest))
+    available = host_memory_available() if plan.host else None
+    if available is None or devices_on_host * plan.host <= available:
         return plan
-    longest = max_seq_length_that_fits(limit, model.config, base_params=base, **plan_args)
-    widest = max_batch_size_that_fits(limit, model.config, base_params=base, **plan_args)
-    raise ConfigError(_does_not_fit_message(plan, limit, where, longest, widest))
+    # Each device's share of the host; the searches hold the device limit too, so what they
+    # report runs.
+    host_limit = max(1, available // devices_on_host)
+    longest = max_seq_length_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit, **plan_args)
+    widest = max_batch_size_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit, **plan_args)
+    inputs_on_device = plan_memory(model.config, source="shapes", base_params=base,
+                                   **{**plan_args, "gradient_checkpointing": True})
+    raise ConfigError(_host_does_not_fit_message(plan, available, devices_on_host, limit, where, longest, widest,
+                                                 inputs_on_device.peak))
 
 
 def _does_not_fit_message(plan: MemoryPlan, limit: int, where: str, longest: int, widest: int) -> str:
@@ -1008,6 +1067,35 @@ def _does_not_fit_message(plan: MemoryPlan, limit: int, where: str, longest: int
     return (head + "; " + "; ".join(fixes) + f". {advice[0].upper()}{advice[1:]} "
             "(python -m fastft_jax.plan --config FILE shows the split). If the limit is wrong, set "
             'training.memory_limit (e.g. "80GB", or "off" to skip this check).')
+
+
+def _host_does_not_fit_message(plan: MemoryPlan, available: int, devices_on_host: int, limit: int, where: str,
+                               longest: int, widest: int, peak_on_device: int) -> str:
+    """plan fits the device limit, but its offloaded layer inputs do not fit the host's memory.
+    peak_on_device: the device peak of the same run under use_gradient_checkpointing=True."""
+    need = devices_on_host * plan.host
+    shared = f", {devices_on_host} devices x {_gib(plan.host)}" if devices_on_host > 1 else ""
+    head = (f"this run needs about {_gib(need)} of pinned host memory for the layer inputs "
+            f'use_gradient_checkpointing="unsloth" offloads ({plan.num_layers} layers x {_gib(plan.saved_per_layer)}'
+            f"{shared}), more than the {_gib(available)} of memory this host has available; "
+            f"its device peak, {_gib(plan.peak)}, fits the limit of {_gib(limit)} ({where})")
+    if longest:
+        fixes = [f"the largest max_seq_length that fits both at batch {plan.batch_size} is {longest:,}"]
+    else:
+        fixes = [f"not even one token fits both at batch {plan.batch_size}"]
+    if widest:
+        fixes.append(f"the largest batch that fits both at max_seq_length {plan.max_seq_length:,} is {widest:,}")
+    else:
+        fixes.append(f"not even batch 1 fits both at max_seq_length {plan.max_seq_length:,}")
+    advice = "Lower data.max_seq_length or training.per_device_train_batch_size, or free host memory"
+    if peak_on_device <= limit:
+        advice += (", or set use_gradient_checkpointing=True, which keeps the layer inputs on the device: predicted "
+                   f"peak {_gib(peak_on_device)}, within the limit")
+    else:
+        advice += (" (use_gradient_checkpointing=True would keep the layer inputs on the device, but its predicted "
+                   f"peak, {_gib(peak_on_device)}, is over the limit)")
+    return (head + "; " + "; ".join(fixes) + f". {advice}. python -m fastft_jax.plan --config FILE shows the split; "
+            'training.memory_limit: "off" skips this check.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1077,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one key of the YAML (repeatable)")
     parser.add_argument("--memory", help='the device memory to plan for, e.g. 24GB (default: training.memory_limit, '
                                          "else this GPU's bytes_limit)")
+    parser.add_argument("--host-memory", help='the host memory free for pinned buffers, e.g. 128GB (default: this '
+                                              "machine's MemAvailable when it runs the planned backend)")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="whose kernels to plan for (default: gpu; a CPU box plans the GPU run it prepares)")
     parser.add_argument("--source", choices=SOURCES, default="auto",
@@ -1101,12 +1191,20 @@ def main(argv: list[str] | None = None) -> int:
         if choice is not None:
             print(f"use_gradient_checkpointing: {choice.describe()}\n"
                   f"  predicted peak by mode, fastest first: {choice.per_mode()}")
+        # This machine's memory says nothing of the host of a GPU run planned on a CPU.
+        if args.host_memory is not None:
+            host_limit, host_source = parse_memory_size(args.host_memory, "--host-memory"), "--host-memory"
+        elif backend == current_backend():
+            host_limit, host_source = host_memory_available(), "available on this machine"
+        else:
+            host_limit, host_source = None, ""
         longest = widest = None
         if limit is not None:
             config = plan_args.pop("config")
-            longest = max_seq_length_that_fits(limit, config, **plan_args)
-            widest = max_batch_size_that_fits(limit, config, **plan_args)
-        print(plan.table(limit, where, longest, widest))
+            host_args = {"host_memory_limit": host_limit} if plan.host else {}
+            longest = max_seq_length_that_fits(limit, config, **host_args, **plan_args)
+            widest = max_batch_size_that_fits(limit, config, **host_args, **plan_args)
+        print(plan.table(limit, where, longest, widest, host_limit, host_source))
     except FastFTError as err:
         print(f"fastft_jax.plan: error: {err}", file=sys.stderr)
         return 2
