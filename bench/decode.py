@@ -33,6 +33,7 @@ Output: a table at the end; $OUT/decode.json (or --out). Run from the repository
   python3 bench/decode.py                      # llama3-8b, batch 1 and 32, both sides (~5 min)
   python3 bench/decode.py --sides jax --batches 1
   python3 bench/decode.py --sides jax --decode-matmul pallas,reference   # the stacked-matmul kernel vs slices
+  python3 bench/decode.py --sides jax --layer-unroll 1,0   # a device loop over the layers vs straight-line code
   python3 bench/decode.py --smoke              # CPU check of the script, tiny shape, < 1 min
 """
 
@@ -177,10 +178,11 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
     ops_config_base = OpsConfig.from_env()
     result["ops_prefill"] = ops_config_base.describe(packed_rows=False)
 
-    def build(variant: str, decode_matmul: str):
+    def build(variant: str, decode_matmul: str, layer_unroll: int):
         """The model of a row, and the weight bytes its decode step reads."""
         max_length = spec["prompt_len"] + spec["new_tokens"]
-        ops_config = dataclasses.replace(ops_config_base, decode_matmul=decode_matmul).validated()
+        ops_config = dataclasses.replace(ops_config_base, decode_matmul=decode_matmul,
+                                         layer_unroll=layer_unroll).validated()
         if variant == "nf4":
             quantized = nf4_params(params)
             return (CausalLM(config, quantized, dtype=jnp.bfloat16, max_seq_length=max_length, ops_config=ops_config),
@@ -202,12 +204,13 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
 
     rows = result.setdefault("rows", [])
     plan = [("base", batch) for batch in spec["batches"]] + [(variant, 1) for variant in spec["variants"]]
-    plan = [(variant, batch, mode) for variant, batch in plan for mode in spec["decode_matmul"]]
-    for variant, batch, mode in plan:
-        row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode}
+    plan = [(variant, batch, mode, unroll) for variant, batch in plan for mode in spec["decode_matmul"]
+            for unroll in spec.get("layer_unroll", [1])]
+    for variant, batch, mode, unroll in plan:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode, "layer_unroll": unroll}
         rows.append(row)
         try:
-            model, weight_bytes = build(variant, mode)
+            model, weight_bytes = build(variant, mode, unroll)
             row["decode_matmul_resolved"] = model.ops_config.resolve("decode_matmul")
             row["weight_bytes"] = int(weight_bytes)
             measure_jax(model, batch, spec, row, full=variant == "base")
@@ -335,6 +338,8 @@ def table(summary: dict) -> str:
         mode = ours.get("decode_matmul", "-")
         if ours.get("decode_matmul_resolved") not in (None, mode):
             mode = f"{mode}->{ours['decode_matmul_resolved']}"
+        if ours.get("layer_unroll", 1) != 1:
+            mode = f"{mode} u{ours['layer_unroll']}"
         lines.append(
             f"{ours['variant']:8s} | {mode:13s} | {batch:5d} | {fmt(ours.get('decode_tokens_per_s'), '23.1f')} | "
             f"{fmt(ours.get('step_loop_tokens_per_s'), '15.1f')} | {fmt(theirs.get('decode_tokens_per_s'), '15.1f')} | "
@@ -362,6 +367,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-matmul", default="auto", type=lambda text: [item for item in text.split(",") if item],
                         help="fastft-jax rows once per decode_matmul mode of the op seam, e.g. pallas,reference "
                              "(default auto: the seam's choice)")
+    parser.add_argument("--layer-unroll", default="1", type=lambda text: [int(item) for item in text.split(",")],
+                        help="fastft-jax rows once per kernels.layer_unroll: 1 = a device loop over the layers, "
+                             "0 = every layer unrolled (straight-line decode step), e.g. 1,0")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--copy-gib", type=float, default=2.0)
     parser.add_argument("--sides", default="jax,hf", type=lambda text: text.split(","))
@@ -388,7 +396,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = {key: getattr(args, key) for key in (
-        "model", "batches", "variants", "decode_matmul", "prompt_len", "new_tokens", "iters", "copy_gib", "seed")}
+        "model", "batches", "variants", "decode_matmul", "layer_unroll", "prompt_len", "new_tokens", "iters", "copy_gib",
+        "seed")}
     spec_path = out / "decode_spec.json"
     spec_path.write_text(json.dumps(spec))
     summary = dict(spec, sides=[])

@@ -295,8 +295,11 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
     hidden = embed_tokens(params, fed, static.compute_dtype)
+    # kernels.layer_unroll 0 makes the step straight-line code: static layer indices, no device loop
+    # between the layers' kernels (bench/decode.py --layer-unroll compares).
     (hidden, k_cache, v_cache), _ = jax.lax.scan(
-        body, (hidden, state.k_cache, state.v_cache), (layers, layers_lora, layer_index)
+        body, (hidden, state.k_cache, state.v_cache), (layers, layers_lora, layer_index),
+        unroll=static.decode_ops.scan_unroll(config.num_layers),
     )
     state = state._replace(k_cache=k_cache, v_cache=v_cache)
     return _append(state, _last_logits(params, hidden, static, static.decode_ops), static)
