@@ -346,3 +346,22 @@ def test_4bit_and_float32_bases_keep_the_sliced_path(tiny_checkpoints):
         model = with_decode_matmul(FastLanguageModel.for_inference(model), "pallas")
         input_ids, attention_mask = left_padded(rng, [4, 7], tokenizer.pad_token_id)
         assert not decode_step_runs_the_kernel(model, input_ids, attention_mask), kwargs
+
+
+def test_unrolled_decode_step_gives_the_same_tokens(tiny_checkpoints):
+    """kernels.layer_unroll=0 makes the decode step straight-line code with static layer indices (on
+    the stacked-kernel path as well); the tokens are those of the layer loop."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="bfloat16", max_seq_length=64)
+    model = FastLanguageModel.for_inference(model)
+    attach_random_lora(model, rng)
+    input_ids, attention_mask = left_padded(rng, [4, 7], tokenizer.pad_token_id)
+    settings = {"max_new_tokens": 10, "eos_token_id": []}
+    for mode in ("reference", "pallas"):
+        model = with_decode_matmul(model, mode)
+        expected = generate_module.generate(model, input_ids, attention_mask, **settings)
+        model.ops_config = dataclasses.replace(model.ops_config, layer_unroll=0)
+        ours = generate_module.generate(model, input_ids, attention_mask, **settings)
+        model.ops_config = dataclasses.replace(model.ops_config, layer_unroll=1)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"decode_matmul={mode}, seed {seed}")
