@@ -1030,16 +1030,20 @@ def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1,
         gradient_checkpointing = layer_checkpoint_mode(model.gradient_checkpointing)
     plan_args = _run_plan_args(model, args, data_config, fsdp, gradient_checkpointing)
     plan = plan_memory(model.config, source="shapes", base_params=base, **plan_args)
-    if not plan.fits(limit):
-        longest = max_seq_length_that_fits(limit, model.config, base_params=base, **plan_args)
-        widest = max_batch_size_that_fits(limit, model.config, base_params=base, **plan_args)
-        raise ConfigError(_does_not_fit_message(plan, limit, where, longest, widest))
     available = host_memory_available() if plan.host else None
+    # Each device's share of the host; the searches hold the device limit too, so what they report runs.
+    host_limit = None if available is None else max(1, available // devices_on_host)
+    if not plan.fits(limit):
+        # What is suggested must fit the host as well: on a Llama-3-8B QLoRA run with an 80 GB card and
+        # 126 GiB of RAM the host is the tighter limit, so a device-only answer would only lead to the
+        # host error below.
+        longest = max_seq_length_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit,
+                                           **plan_args)
+        widest = max_batch_size_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit,
+                                          **plan_args)
+        raise ConfigError(_does_not_fit_message(plan, limit, where, longest, widest))
     if available is None or devices_on_host * plan.host <= available:
         return plan
-    # Each device's share of the host; the searches hold the device limit too, so what they
-    # report runs.
-    host_limit = max(1, available // devices_on_host)
     longest = max_seq_length_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit, **plan_args)
     widest = max_batch_size_that_fits(limit, model.config, base_params=base, host_memory_limit=host_limit, **plan_args)
     inputs_on_device = plan_memory(model.config, source="shapes", base_params=base,

@@ -416,7 +416,10 @@ class SFTTrainer:
                 choice = choose_run_checkpointing(model, self.args, self.data_config, fsdp)
                 mode = choice.mode
                 sharding.main_print(f"fastft_jax: gradient checkpointing: {choice.describe()}")
-            check_run_fits(model, self.args, self.data_config, fsdp=fsdp, gradient_checkpointing=layer_checkpoint_mode(mode))
+            # Each of this process's devices offloads its own layer inputs into the one host's memory.
+            devices_on_host = sum(device.process_index == jax.process_index() for device in self.mesh.devices.flat)
+            check_run_fits(model, self.args, self.data_config, fsdp=fsdp, gradient_checkpointing=layer_checkpoint_mode(mode),
+                           devices_on_host=max(1, devices_on_host))
         except ConfigError:
             raise
         except Exception as error:  # the planner must never be why a run that fits cannot start
