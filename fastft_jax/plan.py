@@ -1052,6 +1052,17 @@ def check_run_fits(model: Any, args: Any, data_config: Any, fsdp: int = 1,
                                                  inputs_on_device.peak))
 
 
+def _largest_runs(plan: MemoryPlan, longest: int, widest: int, limits: str) -> list[str]:
+    """The refusal's two suggestions: the largest max_seq_length at the run's batch and the largest
+    batch at its max_seq_length that fit (limits: " both" when device and host memory must hold)."""
+    return [
+        f"the largest max_seq_length that fits{limits} at batch {plan.batch_size} is {longest:,}" if longest
+        else f"not even one token fits{limits} at batch {plan.batch_size}",
+        f"the largest batch that fits{limits} at max_seq_length {plan.max_seq_length:,} is {widest:,}" if widest
+        else f"not even batch 1 fits{limits} at max_seq_length {plan.max_seq_length:,}",
+    ]
+
+
 def _does_not_fit_message(plan: MemoryPlan, limit: int, where: str, longest: int, widest: int) -> str:
     head = (f"this run needs about {_gib(plan.peak)} of device memory (predicted peak: weights "
             f"{_gib(plan.weights_total)}, saved activations {_gib(plan.saved_activations)}, largest transient "
@@ -1060,11 +1071,7 @@ def _does_not_fit_message(plan: MemoryPlan, limit: int, where: str, longest: int
         return (head + f"; not even one token fits: the weights, adapters and optimizer state alone take "
                 f"{_gib(plan.weights_total + plan.lora_params + plan.optimizer_state)}. Load the model with "
                 "load_in_4bit, target fewer modules or a lower LoRA rank, or use a larger device")
-    fixes = [f"the largest max_seq_length that fits at batch {plan.batch_size} is {longest:,}"]
-    if widest:
-        fixes.append(f"the largest batch that fits at max_seq_length {plan.max_seq_length:,} is {widest:,}")
-    else:
-        fixes.append(f"not even batch 1 fits at max_seq_length {plan.max_seq_length:,}")
+    fixes = _largest_runs(plan, longest, widest, "")
     advice = "lower data.max_seq_length or training.per_device_train_batch_size"
     if plan.backend == "gpu" and plan.gradient_checkpointing != "unsloth":
         advice += ', or use use_gradient_checkpointing="unsloth" (layer inputs in host memory)'
@@ -1083,14 +1090,7 @@ def _host_does_not_fit_message(plan: MemoryPlan, available: int, devices_on_host
             f'use_gradient_checkpointing="unsloth" offloads ({plan.num_layers} layers x {_gib(plan.saved_per_layer)}'
             f"{shared}), more than the {_gib(available)} of memory this host has available; "
             f"its device peak, {_gib(plan.peak)}, fits the limit of {_gib(limit)} ({where})")
-    if longest:
-        fixes = [f"the largest max_seq_length that fits both at batch {plan.batch_size} is {longest:,}"]
-    else:
-        fixes = [f"not even one token fits both at batch {plan.batch_size}"]
-    if widest:
-        fixes.append(f"the largest batch that fits both at max_seq_length {plan.max_seq_length:,} is {widest:,}")
-    else:
-        fixes.append(f"not even batch 1 fits both at max_seq_length {plan.max_seq_length:,}")
+    fixes = _largest_runs(plan, longest, widest, " both")
     advice = "Lower data.max_seq_length or training.per_device_train_batch_size, or free host memory"
     if peak_on_device <= limit:
         advice += (", or set use_gradient_checkpointing=True, which keeps the layer inputs on the device: predicted "
