@@ -63,11 +63,13 @@ def stacked_lora_matmul_reference(
 # With one split the kernel writes the output in its own dtype and nothing follows it.
 #
 # No BlockSpecs: every operand is the whole array, the layer index a one-element operand the kernel
-# reads and uses as the first index of every weight load, so the offsets of layer l's tiles are
-# plain pointer arithmetic. The rows are padded to a power of 2 of at least 16 (the smallest
-# tensor-core dot) and the in axis to whole splits, both with zeros in the wrapper (x is a few KiB);
-# the weight's ragged edges (out not a multiple of block_n, in not a multiple of the splits' blocks)
-# are masked loads, and stores are masked to the real rows and columns.
+# reads, clamps to the stack and uses as the first index of every weight load, so the offsets of
+# layer l's tiles are plain pointer arithmetic. A row tile is a power of 2 of at least 16 rows (the
+# smallest tensor-core dot); x is read as it is, its rows past m and columns past d_in masked to
+# zero, like the weight's ragged edges (out not a multiple of block_n, in not a multiple of the
+# splits' blocks), and stores are masked to the real rows and columns. So the kernel is the only
+# op of a projection without k splits: a decode step makes seven of them a layer, and a pad or an
+# index clamp of its own beside each would be a launch that moves a few KiB.
 # ---------------------------------------------------------------------------------------------
 
 # About one program per SM of an H100 (132 SMs).
@@ -124,19 +126,22 @@ def _stacked_matmul_kernel(
 ):
     bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     column_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
+    # An index outside [0, layers) would read past the stack: clamp it, as XLA's dynamic slice does.
+    layer = jnp.clip(layer_ref[0], 0, w_ref.shape[0] - 1)
     rows = pl.ds(pl.multiple_of(row_block * bm, bm), bm)
     cols = pl.ds(pl.multiple_of(column_block * bn, bn), bn)
     split_start = split * (k_blocks_per_split * bk)
     covers_exactly = d_in % bk == 0 and cdiv(d_in, bk) % k_blocks_per_split == 0
     col_valid = None if d_out % bn == 0 else column_block * bn + jnp.arange(bn) < d_out
+    row_valid = row_block * bm + jnp.arange(bm) < m
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def accumulate(step, acc):
         k_start = split_start + step * bk
         ks = pl.ds(pl.multiple_of(k_start, bk), bk)
-        x_tile = x_ref[rows, ks]
         k_valid = None if covers_exactly else k_start + jnp.arange(bk) < d_in
+        x_mask = row_valid[:, None] & (jnp.ones((bk,), jnp.bool_) if k_valid is None else k_valid)[None, :]
+        x_tile = pltriton.load(x_ref.at[rows, ks], mask=x_mask, other=0)
         if k_valid is None and col_valid is None:
             w_tile = w_ref[layer, ks, cols]
         else:
@@ -151,7 +156,6 @@ def _stacked_matmul_kernel(
                              preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, k_blocks_per_split, accumulate, jnp.zeros((bm, bn), jnp.float32))
-    row_valid = row_block * bm + jnp.arange(bm) < m
     mask = row_valid[:, None] & (jnp.ones((bn,), jnp.bool_) if col_valid is None else col_valid)[None, :]
     pltriton.store(out_ref.at[split, rows, cols], acc.astype(out_ref.dtype), mask=mask)
 
@@ -159,13 +163,11 @@ def _stacked_matmul_kernel(
 def _stacked_matmul_2d(x2d, w_stacked, layer, blocks: StackedMatmulBlocks, out_dtype):
     """x2d @ w_stacked[layer] in out_dtype, accumulated in float32."""
     m, d_in = x2d.shape
-    num_layers, _, d_out = w_stacked.shape
+    d_out = w_stacked.shape[2]
     bm, bn = blocks.block_m, blocks.block_n
     k_blocks_per_split, k_splits = _split_layout(d_in, blocks)
     row_blocks = cdiv(m, bm)
-    x_padded = jnp.pad(x2d, ((0, row_blocks * bm - m), (0, k_splits * k_blocks_per_split * blocks.block_k - d_in)))
-    # An index outside [0, layers) would read past the stack: clamp it, as XLA's dynamic slice does.
-    layer_operand = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+    layer_operand = jnp.asarray(layer, jnp.int32).reshape(1)
     weights = w_stacked
     if use_interpret() and w_stacked.dtype.itemsize == 2:
         # The interpreter pads the whole stack on every load and relies on XLA fusing that pad with
@@ -183,7 +185,7 @@ def _stacked_matmul_2d(x2d, w_stacked, layer, blocks: StackedMatmulBlocks, out_d
         grid=(cdiv(d_out, bn), k_splits, row_blocks),
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=use_interpret(),
-    )(layer_operand, x_padded, weights)
+    )(layer_operand, x2d, weights)
     if k_splits == 1:
         return partials[0]
     return jnp.sum(partials, axis=0).astype(out_dtype)
