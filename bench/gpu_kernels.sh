@@ -12,7 +12,8 @@
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   XLA's dynamic-slice fusion, one e2e run each) decode-exp(330: bench/decode_kernels.py, then batch-1
-#   decode with the layer loop against the straight-line step)
+#   decode with the layer loop against the straight-line step) offload(200: llama3-8b True against
+#   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
 #   multi-gpu(540, on a 2-GPU kind: llama3-8b on 1 GPU and data=2, and a model too big for one GPU
 #   under FSDP; each row has 250 s)
 # (default: tests memory matmul attention anchors)
@@ -41,7 +42,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; unroll-ab) echo 360 ;; decode-exp) echo 330 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; unroll-ab) echo 360 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -101,6 +102,10 @@ for part in $parts; do
       OUT="$dir" timeout 175 python3 bench/decode_kernels.py --budget 120 > "$log" 2>&1
       timeout 150 python3 bench/decode.py --sides jax --batches 1 --variants "" --decode-matmul pallas \
         --layer-unroll 1,0 --budget 140 --out "$dir/unroll" >> "$log" 2>&1 ;;
+    offload)  # issue 11: the share of the "unsloth" offload copies that overlaps compute
+      timeout 170 python3 bench/e2e.py --model llama3-8b --checkpointing full,unsloth --extra "" \
+        --ops mlp_tile_tokens=2048 --steps 6 --warmup 1 --deadline 160 --out "$dir" > "$log" 2>&1
+      timeout 25 python3 bench/offload_overlap.py --e2e-json "$dir/e2e.json" --out "$dir" >> "$log" 2>&1 ;;
     unroll-ab)  # the weight-slice copies: does a static slice (every layer unrolled) avoid them?
       for variant in scan unrolled unrolled-dsf; do
         ops=""; flags=""
