@@ -34,6 +34,7 @@ Output: a table at the end; $OUT/decode.json (or --out). Run from the repository
   python3 bench/decode.py --sides jax --batches 1
   python3 bench/decode.py --sides jax --decode-matmul pallas,reference   # the stacked-matmul kernel vs slices
   python3 bench/decode.py --sides jax --layer-unroll 1,0   # a device loop over the layers vs straight-line code
+  python3 bench/decode.py --sides jax --grouped 0,1        # q/k/v and gate/up in one launch each
   python3 bench/decode.py --smoke              # CPU check of the script, tiny shape, < 1 min
 """
 
@@ -204,11 +205,17 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
 
     rows = result.setdefault("rows", [])
     plan = [("base", batch) for batch in spec["batches"]] + [(variant, 1) for variant in spec["variants"]]
-    plan = [(variant, batch, mode, unroll) for variant, batch in plan for mode in spec["decode_matmul"]
-            for unroll in spec.get("layer_unroll", [1])]
-    for variant, batch, mode, unroll in plan:
-        row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode, "layer_unroll": unroll}
+    plan = [(variant, batch, mode, unroll, grouped) for variant, batch in plan for mode in spec["decode_matmul"]
+            for unroll in spec.get("layer_unroll", [1]) for grouped in spec.get("grouped", [0])]
+    from fastft_jax import generate as generate_module
+
+    for variant, batch, mode, unroll, grouped in plan:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode, "layer_unroll": unroll,
+                               "grouped": grouped}
         rows.append(row)
+        # Read while tracing: a row with the other setting must not reuse the last row's programs.
+        generate_module.GROUPED_PROJECTIONS = bool(grouped)
+        jax.clear_caches()
         try:
             model, weight_bytes = build(variant, mode, unroll)
             row["decode_matmul_resolved"] = model.ops_config.resolve("decode_matmul")
@@ -340,6 +347,8 @@ def table(summary: dict) -> str:
             mode = f"{mode}->{ours['decode_matmul_resolved']}"
         if ours.get("layer_unroll", 1) != 1:
             mode = f"{mode} u{ours['layer_unroll']}"
+        if ours.get("grouped"):
+            mode = f"{mode} g"
         lines.append(
             f"{ours['variant']:8s} | {mode:13s} | {batch:5d} | {fmt(ours.get('decode_tokens_per_s'), '23.1f')} | "
             f"{fmt(ours.get('step_loop_tokens_per_s'), '15.1f')} | {fmt(theirs.get('decode_tokens_per_s'), '15.1f')} | "
@@ -370,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layer-unroll", default="1", type=lambda text: [int(item) for item in text.split(",")],
                         help="fastft-jax rows once per kernels.layer_unroll: 1 = a device loop over the layers, "
                              "0 = every layer unrolled (straight-line decode step), e.g. 1,0")
+    parser.add_argument("--grouped", default="0", type=lambda text: [int(item) for item in text.split(",")],
+                        help="fastft-jax rows once per generate.GROUPED_PROJECTIONS (q/k/v and gate/up in one "
+                             "launch each on the stacked kernel), e.g. 0,1")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--copy-gib", type=float, default=2.0)
     parser.add_argument("--sides", default="jax,hf", type=lambda text: text.split(","))
@@ -396,7 +408,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = {key: getattr(args, key) for key in (
-        "model", "batches", "variants", "decode_matmul", "layer_unroll", "prompt_len", "new_tokens", "iters", "copy_gib",
+        "model", "batches", "variants", "decode_matmul", "layer_unroll", "grouped", "prompt_len", "new_tokens", "iters", "copy_gib",
         "seed")}
     spec_path = out / "decode_spec.json"
     spec_path.write_text(json.dumps(spec))

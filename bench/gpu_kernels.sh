@@ -12,7 +12,7 @@
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   XLA's dynamic-slice fusion, one e2e run each) decode-exp(330: bench/decode_kernels.py, then batch-1
-#   decode with the layer loop against the straight-line step) offload(200: llama3-8b True against
+#   decode with the layer loop against the straight-line step, each with and without grouped projections) offload(200: llama3-8b True against
 #   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
 #   multi-gpu(540, on a 2-GPU kind: llama3-8b on 1 GPU and data=2, and a model too big for one GPU
 #   under FSDP; each row has 250 s)
@@ -99,9 +99,9 @@ for part in $parts; do
     long-bf16) timeout $limit python3 bench/long_context.py --configs bf16 --deadline $(( limit - 20 )) \
       --out "$dir" > "$log" 2>&1 ;;
     decode-exp)  # where batch-1 decode loses its 35 %: GEMV per shape, profile, then unrolled layers
-      OUT="$dir" timeout 175 python3 bench/decode_kernels.py --budget 120 > "$log" 2>&1
-      timeout 150 python3 bench/decode.py --sides jax --batches 1 --variants "" --decode-matmul pallas \
-        --layer-unroll 1,0 --budget 140 --out "$dir/unroll" >> "$log" 2>&1 ;;
+      OUT="$dir" timeout 150 python3 bench/decode_kernels.py --budget 100 > "$log" 2>&1
+      timeout 175 python3 bench/decode.py --sides jax --batches 1 --variants "" --decode-matmul pallas \
+        --layer-unroll 1,0 --grouped 0,1 --budget 165 --out "$dir/unroll" >> "$log" 2>&1 ;;
     offload)  # issue 11: the share of the "unsloth" offload copies that overlaps compute
       timeout 170 python3 bench/e2e.py --model llama3-8b --checkpointing full,unsloth --extra "" \
         --ops mlp_tile_tokens=2048 --steps 6 --warmup 1 --deadline 160 --out "$dir" > "$log" 2>&1

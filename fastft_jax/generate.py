@@ -52,7 +52,7 @@ from fastft_jax.model import (
     embed_tokens,
     logits_from_hidden,
 )
-from pallas_kernels.stacked_matmul import stacked_lora_matmul, stacked_matmul
+from pallas_kernels.stacked_matmul import stacked_lora_matmul, stacked_matmul, stacked_matmul_group
 
 # A decode step works on [batch, 1] rows: XLA's fusion of the references is what a matrix-vector
 # step wants, where the Pallas kernels are tiled for training-length sequences. (Its attention is
@@ -168,6 +168,41 @@ def _project_stacked(
     return out
 
 
+# Projections that read the same x, multiplied in one launch of the stacked kernel when
+# GROUPED_PROJECTIONS is on: q/k/v and gate/up make a decode layer four launches instead of seven.
+# Off until bench/decode.py --grouped 0,1 measures it faster on a GPU.
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GROUPED_PROJECTIONS = False
+
+
+class _GroupedProjector:
+    """A decode layer's `project` (model.attention_qkv's hook) that computes a whole group the first
+    time one of its projections is asked for with a given x, and answers the others from that."""
+
+    def __init__(self, layer: dict, layer_lora: dict | None, index: Array, kernels: dict[str, Array],
+                 lora_config: LoRAConfig | None):
+        self.layer, self.layer_lora, self.index, self.kernels, self.lora_config = layer, layer_lora, index, kernels, lora_config
+        self.done: dict[str, tuple[Array, Array]] = {}  # name -> (x it was computed from, result)
+
+    def __call__(self, name: str, x: Array) -> Array:
+        if name in self.done and self.done[name][0] is x:
+            return self.done[name][1]
+        group = next((group for group in PROJECTION_GROUPS if name in group), None)
+        if group is None:
+            return _project_stacked(name, x, self.layer, self.layer_lora, self.index, self.kernels, self.lora_config)
+        adapters = []
+        for member in group:
+            adapter = (self.layer_lora or {}).get(member)
+            adapters.append(None if adapter is None else
+                            (adapter["lora_a"], adapter["lora_b"], self.lora_config.scale(member)))
+        outs = stacked_matmul_group(x, [self.kernels[member] for member in group], self.index, adapters=adapters)
+        for member, out in zip(group, outs):
+            if "bias" in self.layer[member]:
+                out = out + self.layer[member]["bias"].astype(out.dtype)
+            self.done[member] = (x, out)
+        return self.done[name][1]
+
+
 # -- choosing the next token ------------------------------------------------------------------------
 def filtered_logits(logits: Float[Array, "batch vocab"], sampling: Sampling) -> Float[Array, "batch vocab"]:
     """HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, in that order: removed
@@ -281,9 +316,13 @@ def _decode_step(params: dict, lora_params: dict | None, state: DecodeState, sta
     def body(carry, per_layer):
         hidden, k_cache, v_cache = carry
         layer, layer_lora, index = per_layer
-        project = None if kernels is None else functools.partial(
-            _project_stacked, layer=layer, layer_lora=layer_lora, index=index, kernels=kernels,
-            lora_config=static.lora_config)
+        if kernels is None:
+            project = None
+        elif GROUPED_PROJECTIONS:
+            project = _GroupedProjector(layer, layer_lora, index, kernels, static.lora_config)
+        else:
+            project = functools.partial(_project_stacked, layer=layer, layer_lora=layer_lora, index=index,
+                                        kernels=kernels, lora_config=static.lora_config)
         q, k, v = attention_qkv(hidden, layer, layer_lora, positions, config, static.lora_config, static.decode_ops,
                                 project=project)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, slot, 0, 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -121,74 +122,89 @@ def _split_layout(d_in: int, blocks: StackedMatmulBlocks) -> tuple[int, int]:
 
 
 def _stacked_matmul_kernel(
-    layer_ref, x_ref, w_ref, out_ref, *, m: int, d_in: int, d_out: int, k_blocks_per_split: int,
+    layer_ref, x_ref, *refs, m: int, d_in: int, d_outs: tuple[int, ...], k_blocks_per_split: int,
     weight_dtype: Any, blocks: StackedMatmulBlocks,
 ):
+    """refs: the group's weight stacks, then their outputs. Column block c of the grid belongs to
+    the first stack while c < cdiv(d_outs[0], block_n), to the second after that, and so on."""
     bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+    w_refs, out_refs = refs[: len(d_outs)], refs[len(d_outs) :]
     column_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     # An index outside [0, layers) would read past the stack: clamp it, as XLA's dynamic slice does.
-    layer = jnp.clip(layer_ref[0], 0, w_ref.shape[0] - 1)
+    layer = jnp.clip(layer_ref[0], 0, w_refs[0].shape[0] - 1)
     rows = pl.ds(pl.multiple_of(row_block * bm, bm), bm)
-    cols = pl.ds(pl.multiple_of(column_block * bn, bn), bn)
     split_start = split * (k_blocks_per_split * bk)
     covers_exactly = d_in % bk == 0 and cdiv(d_in, bk) % k_blocks_per_split == 0
-    col_valid = None if d_out % bn == 0 else column_block * bn + jnp.arange(bn) < d_out
     row_valid = row_block * bm + jnp.arange(bm) < m
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
-    def accumulate(step, acc):
-        k_start = split_start + step * bk
-        ks = pl.ds(pl.multiple_of(k_start, bk), bk)
-        k_valid = None if covers_exactly else k_start + jnp.arange(bk) < d_in
-        x_mask = row_valid[:, None] & (jnp.ones((bk,), jnp.bool_) if k_valid is None else k_valid)[None, :]
-        x_tile = pltriton.load(x_ref.at[rows, ks], mask=x_mask, other=0)
-        if k_valid is None and col_valid is None:
-            w_tile = w_ref[layer, ks, cols]
-        else:
-            mask = (
-                (jnp.ones((bk,), jnp.bool_) if k_valid is None else k_valid)[:, None]
-                & (jnp.ones((bn,), jnp.bool_) if col_valid is None else col_valid)[None, :]
-            )
-            w_tile = pltriton.load(w_ref.at[layer, ks, cols], mask=mask, other=0)
-        if w_tile.dtype != weight_dtype:  # the interpreter's 16-bit weights come as their bits
-            w_tile = jax.lax.bitcast_convert_type(w_tile, weight_dtype)
-        return acc + jnp.dot(x_tile, w_tile.astype(x_tile.dtype), precision=precision,
-                             preferred_element_type=jnp.float32)
+    def one_tile(w_ref, out_ref, d_out: int, local_block):
+        cols = pl.ds(pl.multiple_of(local_block * bn, bn), bn)
+        col_valid = None if d_out % bn == 0 else local_block * bn + jnp.arange(bn) < d_out
 
-    acc = jax.lax.fori_loop(0, k_blocks_per_split, accumulate, jnp.zeros((bm, bn), jnp.float32))
-    mask = row_valid[:, None] & (jnp.ones((bn,), jnp.bool_) if col_valid is None else col_valid)[None, :]
-    pltriton.store(out_ref.at[split, rows, cols], acc.astype(out_ref.dtype), mask=mask)
+        def accumulate(step, acc):
+            k_start = split_start + step * bk
+            ks = pl.ds(pl.multiple_of(k_start, bk), bk)
+            k_valid = None if covers_exactly else k_start + jnp.arange(bk) < d_in
+            x_mask = row_valid[:, None] & (jnp.ones((bk,), jnp.bool_) if k_valid is None else k_valid)[None, :]
+            x_tile = pltriton.load(x_ref.at[rows, ks], mask=x_mask, other=0)
+            if k_valid is None and col_valid is None:
+                w_tile = w_ref[layer, ks, cols]
+            else:
+                mask = (
+                    (jnp.ones((bk,), jnp.bool_) if k_valid is None else k_valid)[:, None]
+                    & (jnp.ones((bn,), jnp.bool_) if col_valid is None else col_valid)[None, :]
+                )
+                w_tile = pltriton.load(w_ref.at[layer, ks, cols], mask=mask, other=0)
+            if w_tile.dtype != weight_dtype:  # the interpreter's 16-bit weights come as their bits
+                w_tile = jax.lax.bitcast_convert_type(w_tile, weight_dtype)
+            return acc + jnp.dot(x_tile, w_tile.astype(x_tile.dtype), precision=precision,
+                                 preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, k_blocks_per_split, accumulate, jnp.zeros((bm, bn), jnp.float32))
+        mask = row_valid[:, None] & (jnp.ones((bn,), jnp.bool_) if col_valid is None else col_valid)[None, :]
+        pltriton.store(out_ref.at[split, rows, cols], acc.astype(out_ref.dtype), mask=mask)
+
+    if len(d_outs) == 1:
+        one_tile(w_refs[0], out_refs[0], d_outs[0], column_block)
+        return
+    first = 0
+    for w_ref, out_ref, d_out in zip(w_refs, out_refs, d_outs):
+        count = cdiv(d_out, bn)
+        pl.when((column_block >= first) & (column_block < first + count))(
+            functools.partial(one_tile, w_ref, out_ref, d_out, column_block - first))
+        first += count
 
 
-def _stacked_matmul_2d(x2d, w_stacked, layer, blocks: StackedMatmulBlocks, out_dtype):
-    """x2d @ w_stacked[layer] in out_dtype, accumulated in float32."""
+def _stacked_matmul_2d(x2d, w_stacks: tuple, layer, blocks: StackedMatmulBlocks, out_dtype) -> tuple:
+    """x2d @ w[layer] for each stack of the group, in out_dtype, accumulated in float32: one launch."""
     m, d_in = x2d.shape
-    d_out = w_stacked.shape[2]
+    d_outs = tuple(w.shape[2] for w in w_stacks)
     bm, bn = blocks.block_m, blocks.block_n
     k_blocks_per_split, k_splits = _split_layout(d_in, blocks)
     row_blocks = cdiv(m, bm)
     layer_operand = jnp.asarray(layer, jnp.int32).reshape(1)
-    weights = w_stacked
-    if use_interpret() and w_stacked.dtype.itemsize == 2:
+    weights = w_stacks
+    if use_interpret() and w_stacks[0].dtype.itemsize == 2:
         # The interpreter pads the whole stack on every load and relies on XLA fusing that pad with
         # the tile's slice. XLA:CPU pads 16-bit floats through float32, which does not fuse: a float32
         # copy of the stack per program. Their bits (uint16) pad and fuse like any integer.
-        weights = jax.lax.bitcast_convert_type(w_stacked, jnp.uint16)
+        weights = tuple(jax.lax.bitcast_convert_type(w, jnp.uint16) for w in w_stacks)
     partial_dtype = out_dtype if k_splits == 1 else jnp.float32
     kernel = functools.partial(
-        _stacked_matmul_kernel, m=m, d_in=d_in, d_out=d_out, k_blocks_per_split=k_blocks_per_split,
-        weight_dtype=w_stacked.dtype, blocks=blocks,
+        _stacked_matmul_kernel, m=m, d_in=d_in, d_outs=d_outs, k_blocks_per_split=k_blocks_per_split,
+        weight_dtype=w_stacks[0].dtype, blocks=blocks,
     )
     partials = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((k_splits, m, d_out), partial_dtype),
-        grid=(cdiv(d_out, bn), k_splits, row_blocks),
+        out_shape=tuple(jax.ShapeDtypeStruct((k_splits, m, d_out), partial_dtype) for d_out in d_outs),
+        grid=(sum(cdiv(d_out, bn) for d_out in d_outs), k_splits, row_blocks),
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=use_interpret(),
-    )(layer_operand, x2d, weights)
+    )(layer_operand, x2d, *weights)
     if k_splits == 1:
-        return partials[0]
-    return jnp.sum(partials, axis=0).astype(out_dtype)
+        return tuple(partial[0] for partial in partials)
+    return tuple(jnp.sum(partial, axis=0).astype(out_dtype) for partial in partials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,22 +213,24 @@ def _stacked_matmul_2d(x2d, w_stacked, layer, blocks: StackedMatmulBlocks, out_d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _stacked_matmul_vjp(x2d, w_stacked, layer, blocks, out_dtype):
-    return _stacked_matmul_2d(x2d, w_stacked, layer, blocks, out_dtype)
+def _stacked_matmul_vjp(x2d, w_stacks, layer, blocks, out_dtype):
+    return _stacked_matmul_2d(x2d, w_stacks, layer, blocks, out_dtype)
 
 
-def _stacked_matmul_vjp_fwd(x2d, w_stacked, layer, blocks, out_dtype):
-    return _stacked_matmul_2d(x2d, w_stacked, layer, blocks, out_dtype), (x2d, w_stacked, layer)
+def _stacked_matmul_vjp_fwd(x2d, w_stacks, layer, blocks, out_dtype):
+    return _stacked_matmul_2d(x2d, w_stacks, layer, blocks, out_dtype), (x2d, w_stacks, layer)
 
 
-# Gradient. With y = x W_l (W_l = w_stacked[layer]) and g = dy:  dx = g W_l^T. The slice of W_l
-# the backward takes is the one copy the forward avoids; a backward runs in training, never in
-# decode. The stack is frozen and the layer index is an integer: their cotangents are None
-# (symbolic zeros), so no [L, in, out] gradient is ever formed.
-def _stacked_matmul_vjp_bwd(blocks, out_dtype, saved, g):
-    x2d, w_stacked, layer = saved
-    weight = jax.lax.dynamic_index_in_dim(w_stacked, layer, axis=0, keepdims=False).astype(x2d.dtype)
-    dx = jnp.dot(g.astype(x2d.dtype), weight.T, preferred_element_type=jnp.float32)
+# Gradient. With y_i = x W_i (W_i = stack i at layer l) and g_i = dy_i:  dx = sum_i g_i W_i^T. The
+# slice of W_i the backward takes is the one copy the forward avoids; a backward runs in training,
+# never in decode. The stacks are frozen and the layer index is an integer: their cotangents are
+# None (symbolic zeros), so no [L, in, out] gradient is ever formed.
+def _stacked_matmul_vjp_bwd(blocks, out_dtype, saved, gs):
+    x2d, w_stacks, layer = saved
+    dx = jnp.zeros(x2d.shape, jnp.float32)
+    for w_stacked, g in zip(w_stacks, gs):
+        weight = jax.lax.dynamic_index_in_dim(w_stacked, layer, axis=0, keepdims=False).astype(x2d.dtype)
+        dx = dx + jnp.dot(g.astype(x2d.dtype), weight.T, preferred_element_type=jnp.float32)
     return dx.astype(x2d.dtype), None, None
 
 
@@ -241,7 +259,7 @@ def stacked_matmul(
     m, d_in = x2d.shape
     d_out = w_stacked.shape[2]
     blocks = blocks or choose_blocks(m, d_in, d_out, w_stacked.dtype)
-    out = _stacked_matmul_vjp(x2d, w_stacked, jnp.asarray(layer, jnp.int32), blocks, jnp.dtype(x.dtype))
+    (out,) = _stacked_matmul_vjp(x2d, (w_stacked,), jnp.asarray(layer, jnp.int32), blocks, jnp.dtype(x.dtype))
     return out.reshape(*x.shape[:-1], d_out)
 
 
@@ -262,9 +280,49 @@ def stacked_lora_matmul(
     x2d = _checked(x, w_stacked, "stacked_lora_matmul")
     m, d_in = x2d.shape
     d_out = w_stacked.shape[2]
-    dtype = x.dtype
     blocks = blocks or choose_blocks(m, d_in, d_out, w_stacked.dtype)
-    base = _stacked_matmul_vjp(x2d, w_stacked, jnp.asarray(layer, jnp.int32), blocks, jnp.dtype(jnp.float32))
+    (base,) = _stacked_matmul_vjp(x2d, (w_stacked,), jnp.asarray(layer, jnp.int32), blocks, jnp.dtype(jnp.float32))
+    return _plus_low_rank(x2d, base, lora_a, lora_b, scale).reshape(*x.shape[:-1], d_out)
+
+
+def _plus_low_rank(x2d, base, lora_a, lora_b, scale: float):
+    """base (the float32 product) + scale * (x @ a) @ b, rounded once to x's dtype, with
+    lora_linear's roundings (x @ a rounded to x's dtype)."""
+    dtype = x2d.dtype
     x_a = jnp.dot(x2d, lora_a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     low_rank = jnp.dot(x_a, lora_b.astype(dtype), preferred_element_type=jnp.float32)
-    return (base + scale * low_rank).astype(dtype).reshape(*x.shape[:-1], d_out)
+    return (base + scale * low_rank).astype(dtype)
+
+
+def stacked_matmul_group(
+    x: Float[Array, "... d_in"],
+    w_stacks: Sequence[Float[Array, "layers d_in _"]],
+    layer: Int[Array, ""] | int,
+    *,
+    adapters: Sequence[tuple[Array, Array, float] | None] | None = None,
+    blocks: StackedMatmulBlocks | None = None,
+) -> tuple[Array, ...]:
+    """x times layer `layer` of each stack (q, k and v; or gate and up: the same x), in ONE launch:
+    each output is stacked_matmul's (or, with its adapter (a, b, scale), stacked_lora_matmul's) up
+    to the float32 summation order the group's shared tiles give. A decode step makes seven
+    projections a layer; grouped, q/k/v and gate/up are two launches instead of five (and the k/v
+    weights, too narrow alone to fill the GPU without k splits, need no partial-sum reduction)."""
+    x2d = _checked(x, w_stacks[0], "stacked_matmul_group")
+    for w_stacked in w_stacks[1:]:
+        if w_stacked.shape[:2] != w_stacks[0].shape[:2] or w_stacked.dtype != w_stacks[0].dtype:
+            raise ValueError("stacked_matmul_group: the stacks must share layers, in size and dtype, got "
+                             f"{[(list(w.shape), str(w.dtype)) for w in w_stacks]}")
+    adapters = tuple(adapters) if adapters is not None else (None,) * len(w_stacks)
+    if len(adapters) != len(w_stacks):
+        raise ValueError(f"stacked_matmul_group: {len(adapters)} adapters for {len(w_stacks)} stacks")
+    m, d_in = x2d.shape
+    blocks = blocks or choose_blocks(m, d_in, sum(w.shape[2] for w in w_stacks), w_stacks[0].dtype)
+    # Without any adapter the kernel rounds to x's dtype itself, as stacked_matmul does.
+    out_dtype = jnp.dtype(x.dtype) if all(adapter is None for adapter in adapters) else jnp.dtype(jnp.float32)
+    outs = _stacked_matmul_vjp(x2d, tuple(w_stacks), jnp.asarray(layer, jnp.int32), blocks, out_dtype)
+    results = []
+    for out, adapter in zip(outs, adapters):
+        if adapter is not None:
+            out = _plus_low_rank(x2d, out, *adapter)
+        results.append(out.astype(x.dtype).reshape(*x.shape[:-1], out.shape[-1]))
+    return tuple(results)

@@ -300,20 +300,26 @@ def test_cli_refuses_an_empty_prompt(tiny_checkpoints, capsys):
 
 
 # -- the decode step on stacked kernels (pallas_kernels/stacked_matmul.py) ----------------------
-def test_decode_matmul_defaults_to_the_reference_on_the_cpu():
+def test_decode_matmul_defaults_to_the_kernel_on_the_gpu_only():
     assert ops.OpsConfig().resolve("decode_matmul") == "reference"
-    assert ops.GPU_AUTO_CHOICE["decode_matmul"] == "reference"  # until measured on a GPU
+    assert ops.GPU_AUTO_CHOICE["decode_matmul"] == "pallas"  # 2.5x the sliced path at batch 1 (bench/RESULTS.md)
     assert ops.OpsConfig.from_env(decode_matmul="pallas").resolve("decode_matmul") == "pallas"
 
 
-def decode_step_runs_the_kernel(model, input_ids, attention_mask) -> bool:
-    """Whether generate's decode step (as traced for this model and prompt) contains a Pallas call."""
+def decode_step_kernel_launches(model, input_ids, attention_mask) -> int:
+    """How many Pallas calls generate's decode step (as traced for this model and prompt) contains
+    (the layer scan's body once)."""
     prepared = generate_module._setup(model, input_ids, attention_mask, 4, False, 1.0, 1.0, 0, [], None, False, 0)
     base, lora = prepared.model.base_params(), prepared.model.lora_params()
     state = jax.eval_shape(functools.partial(generate_module._prefill, static=prepared.static), base, lora,
                            *prepared.arrays)
     step = functools.partial(generate_module._decode_step, static=prepared.static)
-    return "pallas_call" in str(jax.make_jaxpr(step)(base, lora, state))
+    return str(jax.make_jaxpr(step)(base, lora, state)).count("pallas_call[")
+
+
+def decode_step_runs_the_kernel(model, input_ids, attention_mask) -> bool:
+    """Whether generate's decode step contains a Pallas call."""
+    return decode_step_kernel_launches(model, input_ids, attention_mask) > 0
 
 
 def with_decode_matmul(model, mode: str):
@@ -365,3 +371,25 @@ def test_unrolled_decode_step_gives_the_same_tokens(tiny_checkpoints):
         ours = generate_module.generate(model, input_ids, attention_mask, **settings)
         model.ops_config = dataclasses.replace(model.ops_config, layer_unroll=1)
         np.testing.assert_array_equal(ours, expected, err_msg=f"decode_matmul={mode}, seed {seed}")
+
+
+def test_grouped_projections_give_the_same_tokens(tiny_checkpoints, monkeypatch):
+    """q/k/v and gate/up in one launch each (qwen2: q/k/v biases; un-merged adapters on every
+    projection) give the tokens of one launch per projection."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoints["qwen2"], dtype="bfloat16", max_seq_length=64)
+    model = with_decode_matmul(FastLanguageModel.for_inference(model), "pallas")
+    attach_random_lora(model, rng)
+    input_ids, attention_mask = left_padded(rng, [6, 3], tokenizer.pad_token_id)
+    settings = {"max_new_tokens": 10, "eos_token_id": []}
+    expected = generate_module.generate(model, input_ids, attention_mask, **settings)
+    assert decode_step_kernel_launches(model, input_ids, attention_mask) == 7
+    monkeypatch.setattr(generate_module, "GROUPED_PROJECTIONS", True)
+    jax.clear_caches()  # the flag is read while tracing
+    try:
+        assert decode_step_kernel_launches(model, input_ids, attention_mask) == 4
+        ours = generate_module.generate(model, input_ids, attention_mask, **settings)
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}")

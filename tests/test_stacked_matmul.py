@@ -20,6 +20,7 @@ from pallas_kernels.stacked_matmul import (
     stacked_lora_matmul,
     stacked_lora_matmul_reference,
     stacked_matmul,
+    stacked_matmul_group,
     stacked_matmul_reference,
 )
 from tests.conftest import relative_error
@@ -169,3 +170,52 @@ def test_lora_variant_matches_reference_with_gradients(dtype):
     for name, grad, ref in zip(("dx", "da", "db"), grads, expected_grads):
         error = relative_error(grad, ref)
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}, seed {seed}"
+
+
+# Llama-3-8B's q/k/v (4096 -> 4096, 1024, 1024), Qwen2.5-1.5B's gate/up (1536 -> 8960 x 2), and a
+# ragged group.
+GROUPS = [
+    ((4096, 1024, 1024), 4096, 1, "bfloat16"),
+    ((8960, 8960), 1536, 3, "bfloat16"),
+    ((300, 17, 129), 1000, 5, "float32"),
+]
+
+
+@pytest.mark.parametrize("d_outs,d_in,rows,dtype", GROUPS)
+def test_group_matches_each_reference_with_gradients(d_outs, d_in, rows, dtype):
+    """One launch for several stacks: each output against its own reference (one member with an
+    un-merged adapter), and dx of a loss over all of them against jax.grad of the references."""
+    seed = fresh_seed()
+    layers, rank, scale = 2, 8, 2.0
+    stacks = [random_operands(seed + i, layers, d_in, d_out, rows, dtype) for i, d_out in enumerate(d_outs)]
+    x, w_stacks = stacks[0][0], [w for _, w in stacks]
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(seed + 99))
+    lora_a = jax.random.normal(key_a, (d_in, rank), jnp.float32) * d_in**-0.5
+    lora_b = jax.random.normal(key_b, (rank, d_outs[-1]), jnp.float32) * 0.1
+    adapters = [None] * (len(d_outs) - 1) + [(lora_a, lora_b, scale)]
+    layer = jnp.int32(1)
+
+    def references(x):
+        outs = [stacked_matmul_reference(x, w, layer) for w in w_stacks[:-1]]
+        return outs + [stacked_lora_matmul_reference(x, w_stacks[-1], layer, lora_a, lora_b, scale)]
+
+    group = jax.jit(lambda x: stacked_matmul_group(x, w_stacks, layer, adapters=adapters))
+    for index, (out, expected) in enumerate(zip(group(x), references(x), strict=True)):
+        assert out.dtype == x.dtype and out.shape == expected.shape
+        error = relative_error(out, expected)
+        assert error <= TOLERANCE[dtype], f"output {index}: relative error {error:.2e}, seed {seed}"
+
+    def loss(outs):
+        return sum(jnp.sum(out.astype(jnp.float32) ** 2) for out in outs)
+
+    dx = jax.jit(jax.grad(lambda x: loss(group(x))))(x)
+    expected_dx = jax.grad(lambda x: loss(references(x)))(x)
+    error = relative_error(dx, expected_dx)
+    assert error <= TOLERANCE[dtype], f"dx: relative error {error:.2e}, seed {seed}"
+
+
+def test_group_refuses_stacks_that_do_not_share_x():
+    x, w = random_operands(fresh_seed(), 2, 64, 32, 1, "float32")
+    _, other = random_operands(fresh_seed(), 2, 48, 32, 1, "float32")
+    with pytest.raises(ValueError, match="share layers, in size and dtype"):
+        stacked_matmul_group(x, [w, other], 0)
