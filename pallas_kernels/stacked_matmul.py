@@ -5,7 +5,8 @@ every step. When the matmul is a library call that needs its operand in a buffer
 copies the slice first, so a decode step reads every weight, writes a copy and reads that again:
 three times the bytes of the matrix-vector products it exists for. This kernel takes the whole stack
 and the layer index as operands and reads layer l's tiles where they lie, so no slice is ever
-materialised.
+materialised. stacked_matmul_group does the same for several stacks that multiply the same x (a
+layer's q/k/v, or gate/up) in one launch, its grid's column blocks running over the stacks in turn.
 """
 
 from __future__ import annotations
