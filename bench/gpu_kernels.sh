@@ -22,6 +22,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/fastft_out}; mkdir -p "$OUT"
 WORK=${WORK:-/tmp/fastft_work}; mkdir -p "$WORK"
+# LOG_DIR=$WORK packs the part logs into results.tgz (bench/gpu_pair.sh does, to stay within the
+# device tool's 8 files for two GPUs); SITE: where the peers' wheels are installed.
+LOG_DIR=${LOG_DIR:-$OUT}; mkdir -p "$LOG_DIR"
+SITE=${SITE:-/tmp/site}
 BUDGET=${BUDGET:-560}
 PEERS=${PEERS:-.peers}
 call_start=$(date +%s)
@@ -32,8 +36,8 @@ parts=${*:-tests memory matmul attention anchors}
   date -u
 } > "$OUT/gpu.txt" 2>&1
 
-install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into /tmp/site, once
-  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$PEERS"/wheels/*.whl
+install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into $SITE, once
+  [ -d "$SITE" ] || python3 -m pip install -q --no-index --no-deps --target "$SITE" "$PEERS"/wheels/*.whl
 }
 
 limit_of() {
@@ -54,7 +58,7 @@ for part in $parts; do
     echo "== $part skipped: needs ${limit} s, ${left} s left" | tee -a "$OUT/parts.log"; continue
   fi
   start=$(date +%s)
-  log="$OUT/$part.log"
+  log="$LOG_DIR/$part.log"
   dir="$WORK/$part"; mkdir -p "$dir"
   case $part in
     tests)
@@ -69,12 +73,12 @@ for part in $parts; do
     attention) OUT="$dir" timeout $limit python3 bench/attention.py --no-sweep --iters 10 --warmup 2 > "$log" 2>&1 ;;
     attention-sweep) OUT="$dir" timeout $limit python3 bench/attention.py --sweep-only --iters 10 --warmup 2 > "$log" 2>&1 ;;
     anchors) install_wheels
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 "$PEERS"/kernel_anchors.py > "$log" 2>&1 ;;
+      PYTHONPATH=$SITE:$PYTHONPATH timeout $limit python3 "$PEERS"/kernel_anchors.py > "$log" 2>&1 ;;
     dequant) install_wheels  # the dequant kernel, the fused dequant-matmul, bitsandbytes parity
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --iters 20 \
+      PYTHONPATH=$SITE:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --iters 20 \
         --out "$dir" > "$log" 2>&1 ;;
     dequant-sweep) install_wheels
-      PYTHONPATH=/tmp/site:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --sweep --iters 20 \
+      PYTHONPATH=$SITE:$PYTHONPATH timeout $limit python3 bench/qlora.py --skip-step --sweep --iters 20 \
         --out "$dir" > "$log" 2>&1 ;;
     qlora-layer)  # one QLoRA layer's fwd+bwd: absmax decoded in the kernel vs by XLA, transposed copies
       timeout $limit python3 bench/qlora.py --skip-step --layer --iters 20 --out "$dir" > "$log" 2>&1 ;;
