@@ -91,6 +91,21 @@ def big_shape(layers: int) -> dict:
     return dict(BIG_BASE, num_hidden_layers=layers)
 
 
+# nvidia-smi's memory.total of an H100 80GB, in MiB (bench/long_context.py's H100_80GB_BYTES).
+H100_80GB_MIB = 81_559
+
+
+def device_memory_fraction(gigabytes: float) -> float:
+    """The allocator fraction that leaves `gigabytes` of GPU 0's memory.total to XLA (80 -> an H100 80GB)."""
+    query = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True, check=True)
+    total_mib = float(query.stdout.split()[0])
+    cap_mib = H100_80GB_MIB if gigabytes == 80 else gigabytes * 1e9 / 2**20
+    if cap_mib > total_mib:
+        raise SystemExit(f"--device-memory {gigabytes:g} GB is more than the GPU's {total_mib / 1024:.1f} GiB")
+    return cap_mib / total_mib
+
+
 def auto_big_layers(device_bytes: int, margin: float = 1.15) -> int:
     """The fewest layers (at least 54) whose bf16 weights exceed margin x one device's memory."""
     layers = BIG_BASE["num_hidden_layers"]
@@ -363,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-hint", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per row")
+    parser.add_argument("--device-memory", type=float, default=None,
+                        help="cap each GPU's allocator at this many GB (80: an H100 80GB's 81,559 MiB), so a "
+                             "bigger card runs the issue's '2 x 80 GB' case; the auto depth follows the cap")
     parser.add_argument("--smoke", action="store_true", help="CPU, 2 virtual devices, tiny shapes")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -376,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONUNBUFFERED="1")
     if args.smoke:
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    elif args.device_memory:
+        env.pop("XLA_CLIENT_MEM_FRACTION", None)  # jaxlib refuses both names at once
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{device_memory_fraction(args.device_memory):.4f}"
+        print(f"== each GPU capped at {args.device_memory:g} GB: XLA_PYTHON_CLIENT_MEM_FRACTION="
+              f"{env['XLA_PYTHON_CLIENT_MEM_FRACTION']}", flush=True)
     else:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     results: list[dict] = []
