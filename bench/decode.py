@@ -179,7 +179,7 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
     ops_config_base = OpsConfig.from_env()
     result["ops_prefill"] = ops_config_base.describe(packed_rows=False)
 
-    def build(variant: str, decode_matmul: str, layer_unroll: int):
+    def build(variant: str, decode_matmul: str, layer_unroll: int | str):
         """The model of a row, and the weight bytes its decode step reads."""
         max_length = spec["prompt_len"] + spec["new_tokens"]
         ops_config = dataclasses.replace(ops_config_base, decode_matmul=decode_matmul,
@@ -204,17 +204,21 @@ def run_jax(spec: dict, result: dict, save: Callable[[], None]) -> None:
         return model, weight_bytes
 
     rows = result.setdefault("rows", [])
+
     plan = [("base", batch) for batch in spec["batches"]] + [(variant, 1) for variant in spec["variants"]]
     plan = [(variant, batch, mode, unroll, grouped) for variant, batch in plan for mode in spec["decode_matmul"]
-            for unroll in spec.get("layer_unroll", [1]) for grouped in spec.get("grouped", [0])]
+            for unroll in spec.get("layer_unroll", ["auto"]) for grouped in spec.get("grouped", ["default"])]
     from fastft_jax import generate as generate_module
+
+    grouped_default = generate_module.GROUPED_PROJECTIONS
 
     for variant, batch, mode, unroll, grouped in plan:
         row: dict[str, Any] = {"variant": variant, "batch": batch, "decode_matmul": mode, "layer_unroll": unroll,
                                "grouped": grouped}
         rows.append(row)
         # Read while tracing: a row with the other setting must not reuse the last row's programs.
-        generate_module.GROUPED_PROJECTIONS = bool(grouped)
+        generate_module.GROUPED_PROJECTIONS = grouped_default if grouped == "default" else bool(grouped)
+        row["grouped_resolved"] = generate_module.GROUPED_PROJECTIONS
         jax.clear_caches()
         try:
             model, weight_bytes = build(variant, mode, unroll)
@@ -345,9 +349,9 @@ def table(summary: dict) -> str:
         mode = ours.get("decode_matmul", "-")
         if ours.get("decode_matmul_resolved") not in (None, mode):
             mode = f"{mode}->{ours['decode_matmul_resolved']}"
-        if ours.get("layer_unroll", 1) != 1:
+        if ours.get("layer_unroll", "auto") != "auto":
             mode = f"{mode} u{ours['layer_unroll']}"
-        if ours.get("grouped"):
+        if ours.get("grouped_resolved", ours.get("grouped")):
             mode = f"{mode} g"
         lines.append(
             f"{ours['variant']:8s} | {mode:13s} | {batch:5d} | {fmt(ours.get('decode_tokens_per_s'), '23.1f')} | "
@@ -376,12 +380,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-matmul", default="auto", type=lambda text: [item for item in text.split(",") if item],
                         help="fastft-jax rows once per decode_matmul mode of the op seam, e.g. pallas,reference "
                              "(default auto: the seam's choice)")
-    parser.add_argument("--layer-unroll", default="1", type=lambda text: [int(item) for item in text.split(",")],
+    parser.add_argument("--layer-unroll", default="auto",
+                        type=lambda text: [item if item == "auto" else int(item) for item in text.split(",")],
                         help="fastft-jax rows once per kernels.layer_unroll: 1 = a device loop over the layers, "
-                             "0 = every layer unrolled (straight-line decode step), e.g. 1,0")
-    parser.add_argument("--grouped", default="0", type=lambda text: [int(item) for item in text.split(",")],
+                             "0 = every layer unrolled (straight-line decode step), auto = the default, e.g. 1,0")
+    parser.add_argument("--grouped", default="default",
+                        type=lambda text: [item if item == "default" else int(item) for item in text.split(",")],
                         help="fastft-jax rows once per generate.GROUPED_PROJECTIONS (q/k/v and gate/up in one "
-                             "launch each on the stacked kernel), e.g. 0,1")
+                             "launch each on the stacked kernel), e.g. 0,1; default: the module's setting")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--copy-gib", type=float, default=2.0)
     parser.add_argument("--sides", default="jax,hf", type=lambda text: text.split(","))

@@ -95,10 +95,12 @@ class OpsConfig:
     mlp_tile_tokens: int | str = "auto"
     # Decoder layers per step of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer
     # whatever the depth; 0 unrolls every layer, so each layer's weights are static slices of the
-    # stacked arrays instead of dynamic ones (the dynamic slices are copied before cuBLAS reads
-    # them, ~7 % of a Llama-3-8B step on the GPU, bench/NOTES.md). An experiment knob for bench/e2e.py
-    # (--ops layer_unroll=0) until a GPU run shows what it does to speed and compile time.
-    layer_unroll: int = 1
+    # stacked arrays instead of dynamic ones (copied before cuBLAS reads them). "auto": the decode
+    # step unrolls on a GPU (batch-1 llama3-8b 201 vs 186 tok/s, 208 -> 214 with grouped
+    # projections; compile 4 s), training keeps 1: unrolled, a Llama-3-8B "selective" step ran
+    # 16,522 against 14,920 tok/s but its temporaries grew 12.6 -> 22.5 GiB and its compile
+    # 10 -> 58-77 s (bench/NOTES.md, fifth session).
+    layer_unroll: int | str = "auto"
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -120,14 +122,17 @@ class OpsConfig:
                 'tiling, or "auto"'
             )
         unroll = self.layer_unroll
-        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0:
-            raise ConfigError(f"kernels.layer_unroll={unroll!r}: use a number of layers per scan step (1 by "
-                              "default), or 0 to unroll every layer")
+        if unroll != "auto" and (not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0):
+            raise ConfigError(f"kernels.layer_unroll={unroll!r}: use a number of layers per scan step, 0 to "
+                              'unroll every layer, or "auto" (the default)')
         return self
 
-    def scan_unroll(self, num_layers: int) -> int:
-        """jax.lax.scan's unroll for a stack of num_layers layers."""
-        return num_layers if self.layer_unroll == 0 else min(self.layer_unroll, num_layers)
+    def scan_unroll(self, num_layers: int, decode: bool = False) -> int:
+        """jax.lax.scan's unroll for a stack of num_layers layers (decode: the generation step's)."""
+        unroll = self.layer_unroll
+        if unroll == "auto":
+            unroll = 0 if decode and jax.default_backend() == "gpu" else 1
+        return num_layers if unroll == 0 else min(unroll, num_layers)
 
     def resolve(self, op: str) -> str:
         """'reference' or 'pallas' (attention: also 'cudnn' / 'xla' / 'auto')."""

@@ -383,6 +383,8 @@ def test_grouped_projections_give_the_same_tokens(tiny_checkpoints, monkeypatch)
     attach_random_lora(model, rng)
     input_ids, attention_mask = left_padded(rng, [6, 3], tokenizer.pad_token_id)
     settings = {"max_new_tokens": 10, "eos_token_id": []}
+    monkeypatch.setattr(generate_module, "GROUPED_PROJECTIONS", False)
+    jax.clear_caches()
     expected = generate_module.generate(model, input_ids, attention_mask, **settings)
     assert decode_step_kernel_launches(model, input_ids, attention_mask) == 7
     monkeypatch.setattr(generate_module, "GROUPED_PROJECTIONS", True)
