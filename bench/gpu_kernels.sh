@@ -14,8 +14,10 @@
 #   XLA's dynamic-slice fusion, one e2e run each) decode-exp(330: bench/decode_kernels.py, then batch-1
 #   decode with the layer loop against the straight-line step, each with and without grouped projections) offload(200: llama3-8b True against
 #   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
+#   decode-hf(200: batch 1 and 32 at the defaults, against transformers' generate)
 #   scan-dsf(125: llama3-8b "selective", layer scan, XLA dynamic-slice fusion on)
-#   decode-ab(180: decode-exp's second half alone) fsdp-80(280, 2-GPU kind: the big FSDP row at 80 GB a GPU)
+#   decode-ab(180: decode-exp's second half alone) fsdp-80(280, 2-GPU kind: the big FSDP row, 50 layers =
+#   44.9B, 89.8 GB of bf16, at 80 GB a GPU)
 #   multi-gpu(540, on a 2-GPU kind: llama3-8b on 1 GPU and data=2, and a model too big for one GPU
 #   under FSDP; each row has 250 s)
 # (default: tests memory matmul attention anchors)
@@ -48,7 +50,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; unroll-ab) echo 360 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -103,8 +105,10 @@ for part in $parts; do
     multi-gpu) OUT="$dir" timeout $limit python3 bench/multi_gpu.py --rows 8b-1,8b-data,big-fsdp --timeout 250 \
       > "$log" 2>&1 ;;
     fsdp-80)  # issue 9's "2 x 80 GB": each GPU capped at an H100 80GB's memory, the big model under FSDP
-      OUT="$dir" timeout $limit python3 bench/multi_gpu.py --rows big-fsdp --device-memory 80 --timeout 260 \
+      OUT="$dir" timeout $limit python3 bench/multi_gpu.py --rows big-fsdp --device-memory 80 --big-layers 50 --timeout 260 \
         > "$log" 2>&1 ;;
+    decode-hf) timeout $limit python3 bench/decode.py --batches 1,32 --variants "" \
+      --budget $(( limit - 10 )) --out "$dir" > "$log" 2>&1 ;;
     scan-dsf)  # the layer scan (not unrolled) with XLA's dynamic-slice fusion: the weight-slice copies without unrolling?
       timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
         --deadline 110 --config-timeout 105 --xla-flags=--xla_gpu_enable_dynamic_slice_fusion=true \
