@@ -45,6 +45,11 @@ _BACKWARD_PROGRAMS = 512
 # (a hand-pipelined loop): the backward took 0.124-0.136 ms with it against 0.137-0.155 without it
 # in the same H200 sweep (bench/RESULTS.md, fourth session), so it is on.
 _BACKWARD_PREFETCH = True
+# Forward programs: 0 launches one program per row block (the default; 72 % of copy on the H200,
+# 0.088 ms for [16384, 4096] against torch.compile's 0.078). A positive count makes each program walk
+# a run of rows like the backward, issuing the next block's loads before normalising the current one,
+# so the load latency overlaps the arithmetic and the stores; in the sweep until a GPU measures it.
+_FORWARD_PROGRAMS = 0
 # Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
 # copy of the block stays in registers.
 _ELEMENTS_PER_THREAD = 16
@@ -56,6 +61,7 @@ class _Blocks:
     rows_per_block: int  # rows one program holds at a time
     rows_per_program: int  # rows one backward program walks, a multiple of rows_per_block
     num_warps: int
+    forward_rows_per_program: int  # rows one forward program walks (rows_per_block: one block each)
 
 
 def _choose_blocks(rows: int, hidden: int) -> _Blocks:
@@ -63,7 +69,10 @@ def _choose_blocks(rows: int, hidden: int) -> _Blocks:
     rows_per_block = max(1, min(next_power_of_2(rows), _BLOCK_ELEMENTS // hidden_pad))
     rows_per_program = max(rows_per_block, next_power_of_2(cdiv(rows, _BACKWARD_PROGRAMS)))
     num_warps = min(16, max(4, rows_per_block * hidden_pad // (32 * _ELEMENTS_PER_THREAD)))
-    return _Blocks(hidden_pad, rows_per_block, rows_per_program, num_warps)
+    forward_rows_per_program = rows_per_block
+    if _FORWARD_PROGRAMS:
+        forward_rows_per_program = max(rows_per_block, next_power_of_2(cdiv(rows, _FORWARD_PROGRAMS)))
+    return _Blocks(hidden_pad, rows_per_block, rows_per_program, num_warps, forward_rows_per_program)
 
 
 def _block_masks(first_row, rows_per_block: int, hidden_pad: int, rows: int, hidden: int):
@@ -72,29 +81,54 @@ def _block_masks(first_row, rows_per_block: int, hidden_pad: int, rows: int, hid
     return row_valid[:, None] & column_valid[None, :], row_valid
 
 
-def _forward_kernel(*refs, rows: int, hidden: int, eps: float, has_residual: bool):
+def _forward_kernel(*refs, rows: int, hidden: int, eps: float, has_residual: bool, rows_per_block: int):
     if has_residual:
         x_ref, residual_ref, weight_ref, normed_ref, summed_ref, inv_rms_ref = refs
     else:
         x_ref, weight_ref, normed_ref, inv_rms_ref = refs
-    rows_per_block, hidden_pad = x_ref.shape
+    rows_per_program, hidden_pad = x_ref.shape
+    program_first_row = pl.program_id(0) * rows_per_program
+    num_steps = rows_per_program // rows_per_block
     dtype = normed_ref.dtype
-    mask, row_valid = _block_masks(pl.program_id(0) * rows_per_block, rows_per_block, hidden_pad, rows, hidden)
-
-    x = pltriton.load(x_ref, mask=mask, other=0.0)
-    if has_residual:
-        # The add rounds to the stream dtype, as HF's `hidden = residual + hidden` does.
-        residual = pltriton.load(residual_ref, mask=mask, other=0.0)
-        x = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(dtype)
-        pltriton.store(summed_ref, x, mask=mask)
-    x_f32 = x.astype(jnp.float32)
-    inv_rms = 1.0 / jnp.sqrt(jnp.sum(x_f32 * x_f32, axis=1) / hidden + eps)
-    # HF rounds the normalised row to the input dtype and scales it by the weight in that dtype; a
-    # product of two half-precision numbers is exact in float32, so one rounding reproduces it.
-    normed = (x_f32 * inv_rms[:, None]).astype(dtype).astype(jnp.float32)
     weight = pltriton.load(weight_ref, mask=jnp.arange(hidden_pad) < hidden, other=0.0).astype(dtype).astype(jnp.float32)
-    pltriton.store(normed_ref, (normed * weight[None, :]).astype(dtype), mask=mask)
-    pltriton.store(inv_rms_ref, inv_rms, mask=row_valid)
+
+    def load_block(step, may_pass_run: bool = False):
+        """The step's rows (x, and the residual when there is one) and their masks. may_pass_run:
+        the step can lie past the program's run (the prefetch after the last), whose loads are
+        then masked off."""
+        block = pl.ds(step * rows_per_block, rows_per_block)
+        mask, row_valid = _block_masks(program_first_row + step * rows_per_block, rows_per_block, hidden_pad,
+                                       rows, hidden)
+        if may_pass_run:
+            in_run = step < num_steps
+            mask, row_valid = mask & in_run, row_valid & in_run
+        x = pltriton.load(x_ref.at[block, :], mask=mask, other=0.0)
+        residual = pltriton.load(residual_ref.at[block, :], mask=mask, other=0.0) if has_residual else x
+        return x, residual, mask, row_valid
+
+    def normalize_block(step, x, residual, mask, row_valid):
+        block = pl.ds(step * rows_per_block, rows_per_block)
+        if has_residual:
+            # The add rounds to the stream dtype, as HF's `hidden = residual + hidden` does.
+            x = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(dtype)
+            pltriton.store(summed_ref.at[block, :], x, mask=mask)
+        x_f32 = x.astype(jnp.float32)
+        inv_rms = 1.0 / jnp.sqrt(jnp.sum(x_f32 * x_f32, axis=1) / hidden + eps)
+        # HF rounds the normalised row to the input dtype and scales it by the weight in that dtype; a
+        # product of two half-precision numbers is exact in float32, so one rounding reproduces it.
+        normed = (x_f32 * inv_rms[:, None]).astype(dtype).astype(jnp.float32)
+        pltriton.store(normed_ref.at[block, :], (normed * weight[None, :]).astype(dtype), mask=mask)
+        pltriton.store(inv_rms_ref.at[block], inv_rms, mask=row_valid)
+
+    if num_steps == 1:
+        normalize_block(0, *load_block(0))
+    else:
+        def prefetching_step(step, loaded):
+            upcoming = load_block(step + 1, may_pass_run=True)
+            normalize_block(step, *loaded)
+            return upcoming
+
+        jax.lax.fori_loop(0, num_steps, prefetching_step, load_block(0))
 
 
 # Gradient. With r = (mean_i x_i^2 + eps)^(-1/2), n = x r and y = n w, let g = dy w. Since
@@ -167,17 +201,19 @@ def _forward(x2d, residual2d, weight, eps: float):
     rows, hidden = x2d.shape
     blocks = _choose_blocks(rows, hidden)
     has_residual = residual2d is not None
-    row_block = pl.BlockSpec((blocks.rows_per_block, blocks.hidden_pad), lambda i: (i, 0))
+    program_rows = blocks.forward_rows_per_program
+    row_block = pl.BlockSpec((program_rows, blocks.hidden_pad), lambda i: (i, 0))
     weight_block = pl.BlockSpec((blocks.hidden_pad,), lambda i: (0,))
     stream = jax.ShapeDtypeStruct((rows, hidden), x2d.dtype)
     out_shape = [stream, stream] if has_residual else [stream]
     out_specs = [row_block, row_block] if has_residual else [row_block]
     outputs = pl.pallas_call(
-        functools.partial(_forward_kernel, rows=rows, hidden=hidden, eps=eps, has_residual=has_residual),
+        functools.partial(_forward_kernel, rows=rows, hidden=hidden, eps=eps, has_residual=has_residual,
+                          rows_per_block=blocks.rows_per_block),
         out_shape=[*out_shape, jax.ShapeDtypeStruct((rows,), jnp.float32)],
-        grid=(cdiv(rows, blocks.rows_per_block),),
+        grid=(cdiv(rows, program_rows),),
         in_specs=[row_block, row_block, weight_block] if has_residual else [row_block, weight_block],
-        out_specs=[*out_specs, pl.BlockSpec((blocks.rows_per_block,), lambda i: (i,))],
+        out_specs=[*out_specs, pl.BlockSpec((program_rows,), lambda i: (i,))],
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=use_interpret(),
     )(*((x2d, residual2d, weight) if has_residual else (x2d, weight)))

@@ -143,3 +143,40 @@ def test_rms_norm_backward_walks_several_row_blocks(monkeypatch, prefetch):
     for name, actual, expected in zip(("dx", "dweight"), grads, expected_vjp(d_normed)):
         error = relative_error(actual, expected)
         assert error <= 1e-5, f"{name}: relative error {error:.3g} > 1e-5 (seed {seed})"
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_forward_walks_several_row_blocks(monkeypatch, with_residual):
+    # Two forward programs (_FORWARD_PROGRAMS), each walking several two-row blocks with the next
+    # block's loads issued one step ahead, the last block partly masked: outputs, the saved inverse
+    # RMS (through the backward) and the residual sum must be those of the reference.
+    monkeypatch.setattr(rms_norm_module, "_FORWARD_PROGRAMS", 2)
+    blocks = rms_norm_module._choose_blocks(13, 1536)
+    assert blocks.forward_rows_per_program // blocks.rows_per_block > 1
+    seed = int(np.random.default_rng().integers(2**31))
+    x, residual, weight, (d_normed, d_summed) = random_inputs(seed, (13,), 1536, jnp.float32)
+    residual = residual if with_residual else None
+
+    def ours(x, weight, residual):
+        return rms_norm(x, weight, EPS, residual=residual) if with_residual else rms_norm(x, weight, EPS)
+
+    def reference(x, weight, residual):
+        if not with_residual:
+            return rms_norm_reference(x, weight, EPS)
+        summed = x + residual
+        return rms_norm_reference(summed, weight, EPS), summed
+
+    cotangent = (d_normed, d_summed) if with_residual else d_normed
+    jax.clear_caches()  # the patched block choice must be what runs, and nothing traced under it reused
+    try:
+        outputs, vjp = jax.vjp(ours, x, weight, residual)
+        grads = vjp(cotangent)
+    finally:
+        jax.clear_caches()
+    expected_outputs, expected_vjp = jax.vjp(reference, x, weight, residual)
+    expected_grads = expected_vjp(cotangent)
+    pairs = list(zip(jax.tree.leaves(outputs), jax.tree.leaves(expected_outputs)))
+    pairs += list(zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)))
+    for index, (actual, expected) in enumerate(pairs):
+        error = relative_error(actual, expected)
+        assert error <= 1e-5, f"output/gradient {index}: relative error {error:.3g} > 1e-5 (seed {seed})"
