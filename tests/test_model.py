@@ -261,3 +261,18 @@ def test_layer_unroll_must_be_a_count():
     for bad in (-1, 1.5, True, "all"):
         with pytest.raises(ConfigError, match="layer_unroll"):
             ops.OpsConfig(layer_unroll=bad).validated()
+
+
+def test_layer_unroll_auto_unrolls_only_the_gpu_decode_step(monkeypatch):
+    # Training keeps the scan everywhere (unrolled, a GPU step needed 1.8x the temporaries); the
+    # decode step is straight-line code on a GPU (bench/RESULTS.md, fifth session).
+    from fastft_jax import ops
+
+    config = ops.OpsConfig().validated()
+    assert config.layer_unroll == "auto"
+    for backend, decode_unroll in (("cpu", 1), ("gpu", 32)):
+        monkeypatch.setattr(ops.jax, "default_backend", lambda: backend)
+        assert config.scan_unroll(32) == 1
+        assert config.scan_unroll(32, decode=True) == decode_unroll
+    assert ops.OpsConfig(layer_unroll=0).scan_unroll(32) == 32
+    assert ops.OpsConfig(layer_unroll=4).scan_unroll(32, decode=True) == 4
