@@ -15,11 +15,10 @@ alpha=16 on all 7 projections, AdamW, torch-style clipping, the shardings of
 fastft_jax.sharding.PARTITION_RULES, traced under jax.set_mesh. Random tokens, padded rows
 (no segment ids).
 
-The model's layer hint: sharding.batch_local around the decoder layer in fastft_jax/model.py's
-layer scan makes each device run every op of a layer on its own rows, with the layer's weights
-gathered by XLA at the boundary (FSDP's per-layer all-gather). If model.py does not have it yet,
---layer-hint auto applies the same wrapper here for FSDP rows and records "layer_hint":
-"bench" in the row (data-only meshes need none: the trainer runs the whole loss per device).
+Under FSDP the model's layer scan (fastft_jax/model.py) runs each decoder layer per device on its
+own rows (sharding.batch_local) and gathers the layer's weight shards whole as the layer starts:
+FSDP's per-layer all-gather, inside the loop. Data-only meshes need nothing of the kind: the
+trainer runs the whole loss per device.
 
 Measured per row: compile time, the first step, --warmup steps, then --steps timed steps (each
 ended by block_until_ready); tokens/s = global batch x seq / median step, and per GPU; the
@@ -182,29 +181,6 @@ def sharded_random_params(config, mesh, seed: int, dtype):
     return tree
 
 
-def patch_layer_hint() -> None:
-    """What fastft_jax/model.py's layer scan should do (see the module docstring), applied from here."""
-    import fastft_jax.model as model_module
-    from fastft_jax import sharding
-
-    layer = model_module.decoder_layer
-
-    def decoder_layer(hidden, layer_params, layer_lora, positions, segment_ids, config, lora_config, ops_config, rng):
-        run = lambda h, p, lo, pos, seg, key: layer(h, p, lo, pos, seg, config, lora_config, ops_config, key)  # noqa: E731
-        return sharding.batch_local(run, (True, False, False, True, True, False), rng_arg=5)(
-            hidden, layer_params, layer_lora, positions, segment_ids, rng)
-
-    model_module.decoder_layer = decoder_layer
-
-
-def model_has_layer_hint() -> bool:
-    import inspect
-
-    import fastft_jax.model as model_module
-
-    return "batch_local" in inspect.getsource(model_module)
-
-
 def memory_by_device() -> list[dict]:
     import jax
 
@@ -245,13 +221,6 @@ def run_row(spec: dict, result: dict) -> None:
     result["parameters"] = parameter_count(shape)
     result["bf16_weights_gib"] = round(2 * parameter_count(shape) / 2**30, 2)
     config = model_config_from_hf(E2E.hf_config(spec["model"]), where=f"bench shape {spec['model']}")
-    hint = spec["layer_hint"]
-    if hint == "auto":
-        hint = "model" if model_has_layer_hint() else ("bench" if mesh.shape["fsdp"] > 1 else "none")
-    if hint in ("bench", "on"):
-        patch_layer_hint()
-        hint = "bench"
-    result["layer_hint"] = hint
 
     start = time.perf_counter()
     dtype = jnp.bfloat16 if devices[0].platform == "gpu" else jnp.float32
@@ -398,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", default=None, choices=sorted(E2E.CHECKPOINTING),
                         help="override every row's (8b: unsloth, big: full)")
     parser.add_argument("--big-layers", default="auto", help="layers of the big model, or auto (exceed one GPU by 15%%)")
-    parser.add_argument("--layer-hint", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per row")
     parser.add_argument("--park-weights", action="store_true",
@@ -432,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         model, mesh, checkpointing = ROWS[row]
         spec = dict(row=row, model=model, mesh=mesh, checkpointing=args.checkpointing or checkpointing,
                     batch=args.big_batch if model == "big" else args.batch, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, seed=0, big_layers=args.big_layers, layer_hint=args.layer_hint,
+                    warmup=args.warmup, seed=0, big_layers=args.big_layers,
                     matmul_size=args.matmul_size, park_weights=args.park_weights)
         if args.smoke:
             spec.update(model=SMOKE_MODEL, seq=64, steps=2, warmup=1, matmul_size=256, batch=2)

@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from convert.errors import ConfigError
 from convert.hf import PROJECTIONS, ModelConfig
 from convert.quant import is_quantized
-from fastft_jax import ops, tiling
+from fastft_jax import ops, sharding, tiling
 from fastft_jax.lora import LoRAConfig
 
 # The name under which the "unsloth" checkpointing mode offloads each layer's input to host memory.
@@ -33,6 +33,9 @@ LAYER_INPUT = "layer_input"
 # attention's output: what the "selective" checkpointing mode keeps, so that the backward recomputes
 # only norms, RoPE, SwiGLU and the rank-r x·A products, never a full matmul.
 MATMUL_OUTPUT = "matmul_output"
+# The name of one layer's weights as FSDP gathers them whole for the layer: never kept for the
+# backward, which gathers them again.
+LAYER_WEIGHTS = "layer_weights"
 CHECKPOINT_MODES = (False, True, "unsloth", "selective")
 # use_gradient_checkpointing="auto" (get_peft_model's default) is a request, not a mode the layers
 # run: SFTTrainer resolves it to the fastest mode predicted to fit its memory limit
@@ -207,6 +210,16 @@ def _checkpoint_policy(mode):
     return jax.checkpoint_policies.nothing_saveable
 
 
+def _keep_all_but_gathered_weights(primitive, *_, **params) -> bool:
+    """The checkpoint policy of FSDP without recomputation: the backward keeps every value it would
+    keep without jax.checkpoint except one layer's gathered weights (the whole model on every
+    device, over the layers), which it gathers again from the shards. The all-gather's output is
+    left out too: saving it is saving the same weights under another name."""
+    if primitive.name == "all_gather":
+        return False
+    return not (primitive.name == "name" and params.get("name") == LAYER_WEIGHTS)
+
+
 @functools.cache
 def has_pinned_host() -> bool:
     try:
@@ -245,14 +258,29 @@ def decoder_hidden(
     else:
         layer_rngs = None
 
+    def run_layer(hidden, layer, layer_lora, positions, segment_ids, layer_rng):
+        return decoder_layer(hidden, layer, layer_lora, positions, segment_ids, config, lora_config, ops_config, layer_rng)
+
+    fsdp = sharding.weights_sharded_in_context()
+    if fsdp:
+        # FSDP: every device runs the whole layer on its own rows (Pallas kernels included, which
+        # XLA cannot split), and gathers the layer's weights from their shards as it starts it:
+        # one layer's weights at a time, inside the loop (sharding.batch_local says why XLA's own
+        # gather copied every stacked shard).
+        specs = {1: sharding.layer_slice_specs(params["layers"], "layers")}
+        if layers_lora is not None:
+            specs[2] = sharding.layer_slice_specs(layers_lora, "layers")
+        run_layer = sharding.batch_local(run_layer, (True, False, False, True, True, False), rng_arg=5,
+                                         sharded_specs=specs, gathered_name=LAYER_WEIGHTS)
+
     def body(hidden, per_layer):
         layer, layer_lora, layer_rng = per_layer
-        return decoder_layer(
-            hidden, layer, layer_lora, positions, segment_ids, config, lora_config, ops_config, layer_rng
-        ), None
+        return run_layer(hidden, layer, layer_lora, positions, segment_ids, layer_rng), None
 
     if gradient_checkpointing:
         body = jax.checkpoint(body, policy=_checkpoint_policy(gradient_checkpointing), prevent_cse=False)
+    elif fsdp:
+        body = jax.checkpoint(body, policy=_keep_all_but_gathered_weights, prevent_cse=False)
     hidden, _ = jax.lax.scan(body, hidden, (params["layers"], layers_lora, layer_rngs),
                              unroll=ops_config.scan_unroll(config.num_layers))
     return ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, ops_config)

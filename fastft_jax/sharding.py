@@ -6,10 +6,11 @@ The mesh has two axes:
   - "fsdp": fully sharded data parallel. The frozen base weights, the LoRA adapters and the
     optimiser state are split over it by PARTITION_RULES; batch rows are split over it too.
 Both axes consume batch rows, so every device trains per_device_train_batch_size rows (HF's
-meaning) and the step's global batch is that times the device count. All communication (the
-gradient reduction over the batch axes, gathering sharded weights where they are used) is inserted
-by XLA's SPMD partitioner, from the shardings given to jit and at the edges of the shard_maps that
-batch_local builds; nothing here sends a byte.
+meaning) and the step's global batch is that times the device count. Communication is inserted by
+XLA's SPMD partitioner, from the shardings given to jit and at the edges of the shard_maps that
+batch_local builds (the gradient reduction over the batch axes, the loss head's gather), except
+one all-gather written out: each decoder layer's weights, gathered from their shards inside the
+layer scan (batch_local's sharded_specs), one layer at a time.
 
 Several hosts run one process each (`initialize_distributed` below); every process builds the same
 global batch from the same seed and places only the rows its devices hold.
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 import optax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from convert.errors import ConfigError
@@ -34,23 +36,27 @@ BATCH_AXES = ("data", "fsdp")
 
 # Partition rules: (pattern over the "/"-joined parameter path, axes to try in order). The first
 # pattern that matches decides; the first listed axis whose size the fsdp axis divides is sharded
-# over "fsdp". LARGEST tries every axis but the stacked layer axis, largest first. A leaf that
-# matches no rule, or none of whose axes divides, is replicated: that is always correct (XLA then
-# has nothing to gather), only not memory-saving. Stacked layer axes are never sharded: the layer
-# scan slices them, and a sharded layer axis would be gathered whole at every step of the scan.
-LARGEST = "largest"
+# over "fsdp". A leaf that matches no rule, or none of whose axes divides, is replicated: that is
+# always correct (XLA then has nothing to gather), only not memory-saving.
+# Stacked layer axes are never sharded: the layer scan slices them, and a sharded layer axis would
+# be gathered whole at every step of the scan. A stacked leaf shards first on axis 1, the first
+# axis of one layer's slice, and a 2-D weight on axis 0: each is gathered whole where it is used
+# (a layer's slice inside the layer scan, see batch_local), and XLA lays an all-gather out with its
+# gathered axis most major (on a GPU it must), which for the first axis is the layout the weight
+# already has. Gathered on its last axis, a slice needs a transposed copy at every use, or, if XLA
+# moves that layout up to the stack, one transposed copy of the whole stacked shard.
 PARTITION_RULES: tuple[tuple[str, Any], ...] = (
     # [vocab, hidden]: on hidden, so that the token lookup stays local (a vocab-sharded table would
     # make every device look up every token and sum the partial rows).
     (r"^embed$", (1, 0)),
-    (r"^lm_head$", (1, 0)),  # [hidden, vocab]
+    (r"^lm_head$", (0, 1)),  # [hidden, vocab]: on hidden, as the tied head (embed.T) is
     (r"(^|/)\w*norm$", ()),  # [layers, hidden] / [hidden]: small, replicated
     (r"/bias$", ()),  # [layers, out]: small, replicated
     (r"/lora_a$", (1,)),  # [layers, in, r]: on in
-    (r"/lora_b$", (2,)),  # [layers, r, out]: on out
-    # [layers, in, out] kernels, and any other leaf a projection holds: quantized codes and their
-    # scales (uint8 / float leaves of other shapes) shard on their largest axis the fsdp size divides.
-    (r"^layers/\w+_proj/", LARGEST),
+    (r"/lora_b$", (1, 2)),  # [layers, r, out]: on r, or on out where the fsdp size does not divide r
+    # [layers, in, out] kernels on in, else out; any other leaf a projection holds (quantized codes
+    # and their scales, [layers, n]) on its one axis.
+    (r"^layers/\w+_proj/", (1, 2)),
 )
 
 
@@ -143,9 +149,6 @@ def partition_spec(name: str, shape: Sequence[int], fsdp_size: int) -> Partition
             break
     else:
         return PartitionSpec()
-    if axes == LARGEST:
-        first = 1 if name.startswith("layers/") else 0
-        axes = sorted(range(first, len(shape)), key=lambda axis: -shape[axis])
     for axis in axes:
         if axis < len(shape) and shape[axis] % fsdp_size == 0:
             return PartitionSpec(*(("fsdp" if index == axis else None) for index in range(len(shape))))
@@ -201,8 +204,34 @@ def data_parallel_only() -> bool:
     return mesh is not None and mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1
 
 
+def weights_sharded_in_context() -> bool:
+    """True under a mesh in context (not inside a shard_map over it) whose fsdp axis splits weights."""
+    mesh = _context_mesh()
+    return mesh is not None and mesh.shape["fsdp"] > 1
+
+
+def layer_slice_specs(stacked: Any, stack_name: str) -> Any:
+    """The PartitionSpec of one layer's slice of every stacked leaf of `stacked` (the layer scan's
+    xs; stack_name is their path, "layers"): PARTITION_RULES' spec for the stack without its layer
+    axis, on the fsdp axis of the mesh in context. For batch_local's sharded_specs."""
+    fsdp_size = _context_mesh().shape["fsdp"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: PartitionSpec(*tuple(partition_spec(
+            f"{stack_name}/{path_name(path)}", np.shape(leaf), fsdp_size))[1:]), stacked)
+
+
+def _gather_whole(tree: Any, specs: Any) -> Any:
+    """Inside a shard_map: every leaf all-gathered whole along the axis its spec shards over fsdp."""
+    def gather(leaf, spec):
+        axes = [index for index, entry in enumerate(spec) if entry == "fsdp"]
+        return jax.lax.all_gather(leaf, "fsdp", axis=axes[0], tiled=True) if axes else leaf
+
+    return jax.tree.map(gather, tree, specs)
+
+
 def batch_local(fn: Callable[..., Any], batched: Sequence[bool], *, sum_output: bool = False,
-                rng_arg: int | None = None) -> Callable[..., Any]:
+                rng_arg: int | None = None, sharded_specs: Mapping[int, Any] | None = None,
+                gathered_name: str | None = None) -> Callable[..., Any]:
     """fn run by every device on its own rows, under jax.shard_map over the batch axes: for ops XLA
     cannot partition itself. A Pallas kernel (a custom call to XLA) would otherwise be given the
     whole batch's rows on every device; a scan over token chunks would gather every chunk.
@@ -212,21 +241,37 @@ def batch_local(fn: Callable[..., Any], batched: Sequence[bool], *, sum_output: 
     their leading axis; with sum_output the output is a scalar sum over rows (a loss), and the
     devices' partial sums are added. Argument rng_arg, a PRNG key (or None), is folded with the
     device's batch-shard index, so that devices draw different dropout masks for their rows. Without
-    a mesh in context (jax.set_mesh), or with rows that do not split evenly, fn runs as it is."""
+    a mesh in context (jax.set_mesh), or with rows that do not split evenly, fn runs as it is.
+
+    sharded_specs[i], a tree of PartitionSpecs (layer_slice_specs), says how the leaves of an
+    unbatched argument i are sharded: each device takes its shards in and all-gathers them whole
+    inside, along the sharded axis, named gathered_name (jax.checkpoint policies can then leave
+    them out of what the backward keeps, and gather again). This is FSDP's gather at the point of
+    use, written out: the layer scan slices its layer of each stack, still sharded, and gathers it
+    inside the loop on the 2-D slice. Left to XLA (a replicated in_spec), the partitioner gathers
+    the [1, in, out] slice before the size-1 layer axis is squeezed away, layout assignment puts
+    the gathered axis most major ([1, in, out]{2,0,1}), that layout travels back through the slice
+    into the loop's stacked operand, and XLA copies every stacked shard to it once, before the loop:
+    26 GiB of temporaries beside 42.5 GiB of weight shards, for a 44.9B model on 2 H200s."""
+    sharded_specs = dict(sharded_specs or {})
+
     def wrapped(*args):
         mesh = _context_mesh()
         shards = 1 if mesh is None else int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
         rows = [np.shape(leaf)[0] for arg, split in zip(args, batched) if split for leaf in jax.tree.leaves(arg)]
         if shards == 1 or any(count % shards for count in rows):
             return fn(*args)
-        in_specs = tuple(PartitionSpec(BATCH_AXES) if split else PartitionSpec() for split in batched)
-        local_fn = fn
-        if rng_arg is not None and args[rng_arg] is not None:
-            def local_fn(*local):
-                shard = jax.lax.axis_index(BATCH_AXES)
-                local = list(local)
-                local[rng_arg] = jax.random.fold_in(local[rng_arg], shard)
-                return fn(*local)
+        in_specs = tuple(PartitionSpec(BATCH_AXES) if split else sharded_specs.get(index, PartitionSpec())
+                         for index, split in enumerate(batched))
+
+        def local_fn(*local):
+            local = list(local)
+            for index, specs in sharded_specs.items():
+                gathered = _gather_whole(local[index], specs)
+                local[index] = gathered if gathered_name is None else checkpoint_name(gathered, gathered_name)
+            if rng_arg is not None and local[rng_arg] is not None:
+                local[rng_arg] = jax.random.fold_in(local[rng_arg], jax.lax.axis_index(BATCH_AXES))
+            return fn(*local)
         # check_vma=False: pallas_call has no varying-axes rule on every jax version. The transpose
         # still sums the replicated arguments' cotangents over the devices (tests/test_sharding.py).
         if sum_output:

@@ -78,20 +78,23 @@ def test_partition_rules():
     layers, hidden, inner, vocab, rank = 3, 8 * fsdp, 24 * fsdp, 40 * fsdp + fsdp, 8
     assert partition_spec("embed", (vocab, hidden), fsdp) == P(None, "fsdp")
     assert partition_spec("embed", (vocab, hidden + 1), fsdp) == P("fsdp", None)
-    assert partition_spec("lm_head", (hidden, vocab), fsdp) == P(None, "fsdp")
+    assert partition_spec("lm_head", (hidden, vocab), fsdp) == P("fsdp", None)
+    assert partition_spec("lm_head", (hidden + 1, vocab), fsdp) == P(None, "fsdp")
     assert partition_spec("final_norm", (hidden,), fsdp) == P()
     assert partition_spec("layers/input_norm", (layers, hidden), fsdp) == P()
     assert partition_spec("layers/q_proj/bias", (layers, hidden), fsdp) == P()
-    # Kernels on their largest axis that the fsdp size divides, never on the layer axis.
-    assert partition_spec("layers/gate_proj/kernel", (layers, hidden, inner), fsdp) == P(None, None, "fsdp")
+    # Stacked kernels on the first axis of a layer's slice (in) where the fsdp size divides it, else
+    # on out; never on the layer axis. LoRA B likewise on r, else on out.
+    assert partition_spec("layers/gate_proj/kernel", (layers, hidden, inner), fsdp) == P(None, "fsdp", None)
     assert partition_spec("layers/down_proj/kernel", (layers, inner, hidden), fsdp) == P(None, "fsdp", None)
     assert partition_spec("layers/down_proj/kernel", (layers, inner + 1, hidden), fsdp) == P(None, None, "fsdp")
     assert partition_spec("layers/down_proj/kernel", (fsdp, inner + 1, hidden + 1), fsdp) == P()
     assert partition_spec("layers/q_proj/lora_a", (layers, hidden, rank), fsdp) == P(None, "fsdp", None)
-    assert partition_spec("layers/q_proj/lora_b", (layers, rank, inner), fsdp) == P(None, None, "fsdp")
-    assert partition_spec("layers/q_proj/lora_b", (layers, rank, inner + 1), fsdp) == P()
-    # Quantized kernels (any other leaf of a projection): codes and block scales shard on their
-    # largest axis; a per-layer scalar offset has no axis to shard and is replicated.
+    assert partition_spec("layers/q_proj/lora_b", (layers, rank, inner), fsdp) == P(None, "fsdp", None)
+    assert partition_spec("layers/q_proj/lora_b", (layers, rank + 1, inner), fsdp) == P(None, None, "fsdp")
+    assert partition_spec("layers/q_proj/lora_b", (layers, rank + 1, inner + 1), fsdp) == P()
+    # Quantized kernels (any other leaf of a projection): codes and block scales shard on their one
+    # axis; a per-layer scalar offset has no axis to shard and is replicated.
     assert partition_spec("layers/up_proj/kernel/codes", (layers, hidden * inner // 2), fsdp) == P(None, "fsdp")
     assert partition_spec("layers/up_proj/kernel/absmax", (layers, hidden * inner // 64), fsdp) == P(None, "fsdp")
     assert partition_spec("layers/up_proj/kernel/nested_offset", (layers,), fsdp) == P()
@@ -214,9 +217,9 @@ def test_meshes_give_the_single_device_losses(scenarios):
 
 def test_weights_adapters_and_optimizer_state_are_sharded(scenarios):
     specs = scenarios["specs"]
-    assert specs["layers/gate_proj/kernel"] == [None, None, "fsdp"]
+    assert specs["layers/gate_proj/kernel"] == [None, "fsdp", None]
     assert specs["layers/q_proj/lora_a"] == [None, "fsdp", None]
-    assert specs["layers/q_proj/lora_b"] == [None, None, "fsdp"]
+    assert specs["layers/q_proj/lora_b"] == [None, "fsdp", None]
     assert specs["layers/input_norm"] == []
     assert specs["adam_mu/layers/q_proj/lora_a"] == specs["layers/q_proj/lora_a"]
     assert specs["adam_nu/layers/down_proj/lora_b"] == specs["layers/down_proj/lora_b"]
@@ -388,16 +391,18 @@ def _qlora_scenario(checkpoint: Path, out: Path, rows: list, data) -> dict:
 
 
 def _layer_hint_scenario(checkpoint: Path) -> dict:
-    """sharding.batch_local around one decoder layer, as the model's layer scan uses it: on fsdp=4
-    with the layer's weights sharded, each device runs the layer on its own row; output and LoRA
-    gradients equal the unsharded layer's. With dropout, devices draw different masks."""
+    """sharding.batch_local around one decoder layer, as the model's layer scan uses it under FSDP:
+    on fsdp=4, with the layer's weights passed in as shards and gathered whole inside, each device
+    runs the layer on its own row; output and LoRA gradients equal the unsharded layer's. With
+    dropout, devices draw different masks."""
     import dataclasses
 
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
 
     from fastft_jax import FastLanguageModel, sharding
-    from fastft_jax.model import decoder_layer
+    from fastft_jax.model import LAYER_WEIGHTS, decoder_layer
 
     model, _ = FastLanguageModel.from_pretrained(checkpoint, dtype="float32", max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
@@ -410,17 +415,23 @@ def _layer_hint_scenario(checkpoint: Path) -> dict:
     hidden = jax.random.normal(jax.random.fold_in(key, 1), (DEVICES, 12, config.hidden_size))
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (DEVICES, 12))
 
+    stacks = (model.base_params()["layers"], model.lora_params()["layers"])
+
     def loss(layer_lora, layer, hidden, local, lora_config=lora_config, rng=None):
         run = lambda h, p, lo, pos, seg, r: decoder_layer(h, p, lo, pos, seg, config, lora_config, ops_config, r)  # noqa: E731
         if local:
-            run = sharding.batch_local(run, (True, False, False, True, True, False), rng_arg=5)
+            specs = {1: sharding.layer_slice_specs(stacks[0], "layers"), 2: sharding.layer_slice_specs(stacks[1], "layers")}
+            run = sharding.batch_local(run, (True, False, False, True, True, False), rng_arg=5, sharded_specs=specs,
+                                       gathered_name=LAYER_WEIGHTS)
         out = run(hidden, layer, layer_lora, positions, None, rng)
         return jnp.sum(jnp.sin(out)), out
 
     reference = jax.value_and_grad(loss, has_aux=True)(layer_lora, layer, hidden, False)
     mesh = sharding.make_mesh({"fsdp": DEVICES})
-    placed_layer = sharding.place(layer, sharding.param_shardings({"layers": layer}, mesh)["layers"])
-    placed_lora = sharding.place(layer_lora, sharding.param_shardings({"layers": layer_lora}, mesh)["layers"])
+    with jax.set_mesh(mesh):
+        placed_layer, placed_lora = (
+            sharding.place(tree, jax.tree.map(lambda spec: NamedSharding(mesh, spec), sharding.layer_slice_specs(stack, "layers")))
+            for tree, stack in ((layer, stacks[0]), (layer_lora, stacks[1])))
     placed_hidden = jax.device_put(hidden, sharding.batch_sharding(mesh, leading_axes=0))
     with jax.set_mesh(mesh):
         step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3, 4))
