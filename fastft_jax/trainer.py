@@ -481,8 +481,8 @@ class SFTTrainer:
             return lora_params, opt_state, metrics
 
         replicated = sharding.replicated(self.mesh)
-        # The shardings below are all XLA needs: it reduces the gradients over the batch axes and
-        # gathers each layer's sharded weights where they are used.
+        # With the shardings below XLA reduces the gradients over the batch axes; under fsdp the
+        # layer scan gathers each layer's weights itself (fastft_jax/model.py, sharding.batch_local).
         return jax.jit(
             train_step, donate_argnums=(0, 1),
             in_shardings=(self.lora_shardings, self.opt_state_shardings, self.base_shardings, self.batch_sharding,
