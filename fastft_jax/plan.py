@@ -437,6 +437,19 @@ def _estimate(spec: _Spec, weights: dict[str, int], calibration: _Calibration | 
         largest = max(math.prod(c.projection_shape(name)) for name in ("q_proj", "gate_proj", "down_proj"))
         layer_backward += cal.dequantized_copies * largest * jnp.dtype(spec.dtype).itemsize
     weight_itemsize = jnp.dtype(spec.dtype).itemsize
+    if spec.fsdp > 1:
+        # Under FSDP each device gathers a whole layer's weights as it runs it (fastft_jax/model.py),
+        # again in the backward; two layers' worth counts the next layer's gather overlapping this
+        # one's compute (not yet measured on a GPU: an upper estimate).
+        layer_stack = [s for s in tensor_specs(c) if s.stacked]
+        layer_weights = 0
+        for tensor in layer_stack:
+            elements = math.prod(tensor.shape)
+            if spec.quantization and tensor.path[-1] == "kernel":
+                layer_weights += sum(_quantized_parts(elements, spec.quantization).values())
+            else:
+                layer_weights += elements * weight_itemsize
+        layer_backward += 2 * layer_weights
     loss_logits = cal.loss_logits["pallas" if spec.resolve("cross_entropy") == "pallas" else "reference"]
     loss_head = (loss_logits * 4 * _loss_rows(spec) * c.vocab_size
                  + cal.loss_hidden * activation * spec.tokens * c.hidden_size
