@@ -221,9 +221,11 @@ def test_checkpointing_modes_keep_what_they_promise():
 
 
 @pytest.mark.parametrize("unroll", [0, 2])
-def test_unrolled_layers_equal_the_scan(unroll):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_unrolled_layers_equal_the_scan(unroll, dropout):
     """kernels.layer_unroll changes how XLA loops over the layers, not what they compute: the loss
-    and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too."""
+    and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too (whose
+    unrolled backward is tied to its cotangent), with LoRA dropout's per-layer keys too."""
     import dataclasses
 
     from convert.hf import PROJECTIONS, ModelConfig
@@ -232,7 +234,7 @@ def test_unrolled_layers_equal_the_scan(unroll):
     from fastft_jax.model import decoder_hidden, random_params
 
     config = ModelConfig("llama", 512, 256, 704, 3, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
-    lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
+    lora_config = LoRAConfig(r=8, alpha=8, dropout=dropout, target_modules=PROJECTIONS)
     seed = int(np.random.default_rng().integers(1 << 30))
     params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
     # B starts at zero: give it values so that every LoRA gradient is non-trivial.
@@ -243,7 +245,8 @@ def test_unrolled_layers_equal_the_scan(unroll):
     def loss_and_grads(ops_config):
         def loss(lora):
             hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
-                                    ops_config=ops_config, compute_dtype=jnp.float32, gradient_checkpointing="selective")
+                                    ops_config=ops_config, compute_dtype=jnp.float32, gradient_checkpointing="selective",
+                                    dropout_rng=jax.random.key(seed + 4) if dropout else None)
             return jnp.mean(hidden**2)
 
         return jax.value_and_grad(loss)(lora)
