@@ -105,8 +105,9 @@ for part in $parts; do
     multi-gpu) OUT="$dir" timeout $limit python3 bench/multi_gpu.py --rows 8b-1,8b-data,big-fsdp --timeout 250 \
       > "$log" 2>&1 ;;
     fsdp-80)  # issue 9's "2 x 80 GB": each GPU capped at an H100 80GB's memory, the big model under FSDP
-      # (Before 58c956c XLA's autotuner timed a fusion reading a whole stacked shard, 12 GiB, and the
-      # step held a copy of every shard; FSDP_AUTOTUNE=0 adds --xla_gpu_autotune_level=0 if needed.)
+      # (Before 58c956c the step copied every stacked weight shard to a gather-friendly layout before
+      # the layer loop, and XLA's autotuner failed to allocate those copies; FSDP_AUTOTUNE=0 adds
+      # --xla_gpu_autotune_level=0 should autotuning still run out of memory.)
       XLA_FLAGS="${XLA_FLAGS:-}$([ "${FSDP_AUTOTUNE:-1}" = 0 ] && echo ' --xla_gpu_autotune_level=0')" OUT="$dir" \
         timeout $limit python3 bench/multi_gpu.py --rows big-fsdp --device-memory 80 --big-layers 50 --timeout 260 \
         > "$log" 2>&1 ;;

@@ -105,17 +105,6 @@ def device_memory_fraction(gigabytes: float) -> float:
     return cap_mib / total_mib
 
 
-def park_on_host(tree):
-    """Every device array of tree copied to pinned host memory (same sharding), the device copies freed."""
-    import jax
-
-    parked = jax.tree.map(lambda leaf: jax.device_put(leaf, leaf.sharding.with_memory_kind("pinned_host")), tree)
-    jax.block_until_ready(parked)
-    for leaf in jax.tree.leaves(tree):
-        leaf.delete()  # the model object still refers to them; only the step's arguments matter from here
-    return parked
-
-
 def auto_big_layers(device_bytes: int, margin: float = 1.15) -> int:
     """The fewest layers (at least 54) whose bf16 weights exceed margin x one device's memory."""
     layers = BIG_BASE["num_hidden_layers"]
@@ -260,24 +249,12 @@ def run_row(spec: dict, result: dict) -> None:
     result["base_specs"] = {sharding.path_name(path): str(leaf.sharding.spec)
                             for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]}
 
-    base_shardings = jax.tree.map(lambda leaf: leaf.sharding, base)
     with jax.set_mesh(trainer.mesh):
         start = time.perf_counter()
         lowered = train_step.lower(lora, opt_state, base, step_inputs[0], np.int32(0), seed_key)
         result["lower_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        if spec.get("park_weights") and devices[0].platform == "gpu":
-            # XLA's autotuner gives each fusion it times fresh operand buffers; a fusion that reads
-            # a layer slice of a stacked weight in place takes the whole stack's shard as operand
-            # (12 GiB for the 55-layer gate_proj), which does not fit beside the weights themselves.
-            # The weights wait in pinned host memory while the step compiles.
-            base = park_on_host(base)
-            compiled = lowered.compile()
-            base = jax.tree.map(lambda leaf, device: jax.device_put(leaf, device), base, base_shardings)
-            jax.block_until_ready(base)
-            result["weights_parked_for_compile"] = True
-        else:
-            compiled = lowered.compile()
+        compiled = lowered.compile()
         result["compile_s"] = round(time.perf_counter() - start, 2)
     from bench.timing import compiled_memory_gib
 
@@ -369,9 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-layers", default="auto", help="layers of the big model, or auto (exceed one GPU by 15%%)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per row")
-    parser.add_argument("--park-weights", action="store_true",
-                        help="keep the weights in pinned host memory while the step compiles (room for XLA's "
-                             "autotuner; the restored weights can fragment the pool: 46.6 + 31.3 GiB failed in 79.3)")
     parser.add_argument("--device-memory", type=float, default=None,
                         help="cap each GPU's allocator at this many GB (80: an H100 80GB's 81,559 MiB), so a "
                              "bigger card runs the issue's '2 x 80 GB' case; the auto depth follows the cap")
@@ -401,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = dict(row=row, model=model, mesh=mesh, checkpointing=args.checkpointing or checkpointing,
                     batch=args.big_batch if model == "big" else args.batch, seq=args.seq, steps=args.steps,
                     warmup=args.warmup, seed=0, big_layers=args.big_layers,
-                    matmul_size=args.matmul_size, park_weights=args.park_weights)
+                    matmul_size=args.matmul_size)
         if args.smoke:
             spec.update(model=SMOKE_MODEL, seq=64, steps=2, warmup=1, matmul_size=256, batch=2)
         spec_path, result_path = out / f"{row}.spec.json", out / f"{row}.result.json"
