@@ -292,18 +292,22 @@ def weight_bytes(config: ModelConfig, dtype: Any, quantization: str | None = Non
     compute dtype) for embeddings, norms, biases and lm_head, and the projections quantized or not."""
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization {quantization!r} is not one of None, 'nf4', 'int8'")
-    dtype = jnp.dtype(dtype)
     parts: dict[str, int] = {}
     for spec in tensor_specs(config):
         count = config.num_layers if spec.stacked else 1
-        elements = math.prod(spec.shape)
-        if quantization and spec.path[-1] == "kernel":
-            for label, size in _quantized_parts(elements, quantization).items():
-                parts[label] = parts.get(label, 0) + count * size
-        else:
-            label = f"{dtype.name} weights"
-            parts[label] = parts.get(label, 0) + count * elements * dtype.itemsize
+        for label, size in _stored_bytes(spec, dtype, quantization).items():
+            parts[label] = parts.get(label, 0) + count * size
     return parts
+
+
+def _stored_bytes(tensor: Any, dtype: Any, quantization: str | None) -> dict[str, int]:
+    """One tensor_specs entry's bytes by storage (one layer's, for a stacked one): the projection
+    kernels quantized when the run quantizes, everything else in dtype."""
+    elements = math.prod(tensor.shape)
+    if quantization and tensor.path[-1] == "kernel":
+        return _quantized_parts(elements, quantization)
+    dtype = jnp.dtype(dtype)
+    return {f"{dtype.name} weights": elements * dtype.itemsize}
 
 
 def weight_bytes_of_tree(base_params: Any) -> dict[str, int]:
@@ -441,14 +445,8 @@ def _estimate(spec: _Spec, weights: dict[str, int], calibration: _Calibration | 
         # Under FSDP each device gathers a whole layer's weights as it runs it (fastft_jax/model.py),
         # again in the backward; two layers' worth counts the next layer's gather overlapping this
         # one's compute (not yet measured on a GPU: an upper estimate).
-        layer_stack = [s for s in tensor_specs(c) if s.stacked]
-        layer_weights = 0
-        for tensor in layer_stack:
-            elements = math.prod(tensor.shape)
-            if spec.quantization and tensor.path[-1] == "kernel":
-                layer_weights += sum(_quantized_parts(elements, spec.quantization).values())
-            else:
-                layer_weights += elements * weight_itemsize
+        layer_weights = sum(sum(_stored_bytes(tensor, spec.dtype, spec.quantization).values())
+                            for tensor in tensor_specs(c) if tensor.stacked)
         layer_backward += 2 * layer_weights
     loss_logits = cal.loss_logits["pallas" if spec.resolve("cross_entropy") == "pallas" else "reference"]
     loss_head = (loss_logits * 4 * _loss_rows(spec) * c.vocab_size

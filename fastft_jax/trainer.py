@@ -356,12 +356,12 @@ class SFTTrainer:
         self.data_config = data_config
         kernels = self.model.ops_config.describe(packed_rows=self.data_config.packing)
         sharding.main_print("fastft_jax: kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
-        layers = self.model.config.num_layers
-        if self.model.ops_config.scan_unroll(layers) > 1:
+        layers_per_step = self.model.ops_config.scan_unroll(self.model.config.num_layers)
+        if layers_per_step > 1:
             # The planner's formula and its GPU calibration are those of the layer scan.
             sharding.main_print(
                 f"fastft_jax: kernels.layer_unroll={self.model.ops_config.layer_unroll}: "
-                f"{self.model.ops_config.scan_unroll(layers)} layers a scan step; the memory check below models one, "
+                f"{layers_per_step} layers a scan step; the memory check below models one, "
                 "and unrolled layers have needed more (llama3-8b \"selective\" b2x2048 on an H200: 37.9 GiB "
                 "instead of 28.0, bench/RESULTS.md)")
         self._resolve_checkpointing_and_check_fit()
