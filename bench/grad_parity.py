@@ -60,6 +60,49 @@ def packed_batch(vocab: int, batch: int, seq: int, segments: int, prompt_share: 
     return StepInputs(*(jnp.asarray(a)[None] for a in (input_ids, labels, positions, segment_ids)))
 
 
+def attention_check(seq: int, groups: list[int], dtypes: list[str], head_dim: int = 128, kv_heads: int = 2) -> list[dict]:
+    """The attention kernel alone on the packed batch's segments, per GQA ratio: output and dq/dk/dv
+    against the float32 reference's (relative norm of the difference)."""
+    from pallas_kernels.attention import attention_reference, flash_attention
+
+    segment_ids = packed_batch(1000, 1, seq, 5, 0.3, seed=3).segment_ids[0]
+    rows = []
+    for dtype_name in dtypes:
+        for group in groups:
+            keys = jax.random.split(jax.random.PRNGKey(group), 4)
+            shapes = [(1, seq, kv_heads * group, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
+                      (1, seq, kv_heads * group, head_dim)]
+            q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes))
+
+            def loss(fn):
+                return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out)
+
+            def ours(q, k, v):
+                return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+
+            def reference(q, k, v):
+                return attention_reference(q, k, v, causal=True, segment_ids=segment_ids)
+
+            cast = [x.astype(dtype_name) for x in (q, k, v)]
+            row = {"dtype": dtype_name, "group": group, "seq": seq}
+            try:
+                got = [jax.jit(ours)(*cast)] + list(jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(*cast))
+            except Exception as error:  # noqa: BLE001
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"attention {dtype_name} group {group}: FAILED {row['error']}", flush=True)
+                rows.append(row)
+                continue
+            upcast = [x.astype(jnp.float32) for x in cast]
+            want = [jax.jit(reference)(*upcast)] + list(jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(*upcast))
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                row[name] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            print(f"attention {dtype_name} group {group} seq {seq}: " + "  ".join(
+                f"{name} {row[name]:.2e}" for name in ("out", "dq", "dk", "dv")), flush=True)
+            rows.append(row)
+    return rows
+
+
 def run(lora, base, micro, setup) -> tuple[float, dict]:
     step = jax.jit(jax.value_and_grad(token_loss_sum), static_argnums=(5,))
     micro = jax.tree.map(lambda a: a[0], micro)
@@ -87,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32,bfloat16")
     parser.add_argument("--checkpointing", default="unsloth,none")
     parser.add_argument("--runs", default="auto,singles", help="auto, singles, all-pallas, or OP=MODE entries")
+    parser.add_argument("--attention-groups", default="1,2,4,6,7",
+                        help="GQA ratios for the attention kernel alone (empty: skip)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/grad_parity"))
     args = parser.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -108,6 +153,10 @@ def main(argv=None) -> int:
     backend = jax.default_backend()
     print(f"grad parity: {args.model} with {args.layers} layers, {args.batch} x {args.seq} packed "
           f"({args.segments} segments a row), backend {backend}, jax {jax.__version__}", flush=True)
+    attention_rows = []
+    if args.attention_groups:
+        attention_rows = attention_check(args.seq, [int(g) for g in args.attention_groups.split(",")],
+                                         args.dtype.split(","))
     results = []
     float32_reference: dict = {}
     for dtype_name in args.dtype.split(","):
@@ -165,7 +214,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "grad_parity.json").write_text(json.dumps(
         {"args": vars(args), "backend": backend, "jax": jax.__version__,
-         "device": str(jax.devices()[0].device_kind), "results": results}, indent=1))
+         "device": str(jax.devices()[0].device_kind), "attention": attention_rows, "results": results}, indent=1))
     print(f"wrote {out / 'grad_parity.json'}")
     return 0
 
