@@ -71,6 +71,9 @@ def _default_mode() -> str:
     return mode
 
 
+UNROLLED_BACKWARD_MODES = ("free", "tied")
+
+
 @dataclasses.dataclass(frozen=True)
 class OpsConfig:
     """Implementation per op: "auto", "reference" or "pallas" (attention also "cudnn" or "xla")."""
@@ -101,6 +104,13 @@ class OpsConfig:
     # 16,522 against 14,920 tok/s but its temporaries grew 12.6 -> 22.5 GiB and its compile
     # 10 -> 58-77 s (bench/NOTES.md, fifth session).
     layer_unroll: int | str = "auto"
+    # Unrolled checkpointed layers only. "free": XLA schedules each layer's recomputation where it
+    # likes, and replays some early in the forward pass, keeping what the checkpoint was to drop
+    # (Llama-3-8B "selective" b2x2048 on an H200: 16,522 tok/s, peak 37.9 GiB, against the scan's
+    # 14,920 at 28.0). "tied": each layer's backward waits for its cotangent (an optimization
+    # barrier): 15,022 tok/s at 33.6 GiB, since it also stops one layer's backward overlapping the
+    # next one's recomputation (bench/RESULTS.md, sixth session).
+    unrolled_backward: str = "free"
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -125,6 +135,9 @@ class OpsConfig:
         if unroll != "auto" and (not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0):
             raise ConfigError(f"kernels.layer_unroll={unroll!r}: use a number of layers per scan step, 0 to "
                               'unroll every layer, or "auto" (the default)')
+        if self.unrolled_backward not in UNROLLED_BACKWARD_MODES:
+            raise ConfigError(f"kernels.unrolled_backward={self.unrolled_backward!r} is not one of "
+                              f"{', '.join(UNROLLED_BACKWARD_MODES)}")
         return self
 
     def scan_unroll(self, num_layers: int, decode: bool = False) -> int:

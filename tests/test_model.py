@@ -220,12 +220,12 @@ def test_checkpointing_modes_keep_what_they_promise():
         assert stacked_residual_floats("unsloth", "<host>") == hidden * batch * seq * layers
 
 
-@pytest.mark.parametrize("unroll", [0, 2])
+@pytest.mark.parametrize(("unroll", "backward"), [(0, "free"), (0, "tied"), (2, "tied")])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_unrolled_layers_equal_the_scan(unroll, dropout):
+def test_unrolled_layers_equal_the_scan(unroll, backward, dropout):
     """kernels.layer_unroll changes how XLA loops over the layers, not what they compute: the loss
-    and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too (whose
-    unrolled backward is tied to its cotangent), with LoRA dropout's per-layer keys too."""
+    and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too (free, or
+    with each layer's backward tied to its cotangent), with LoRA dropout's per-layer keys too."""
     import dataclasses
 
     from convert.hf import PROJECTIONS, ModelConfig
@@ -252,10 +252,18 @@ def test_unrolled_layers_equal_the_scan(unroll, dropout):
         return jax.value_and_grad(loss)(lora)
 
     scan_loss, scan_grads = loss_and_grads(reference)
-    unrolled_loss, unrolled_grads = loss_and_grads(dataclasses.replace(reference, layer_unroll=unroll))
+    unrolled_loss, unrolled_grads = loss_and_grads(
+        dataclasses.replace(reference, layer_unroll=unroll, unrolled_backward=backward))
     assert relative_error(np.asarray(unrolled_loss), np.asarray(scan_loss)) <= 1e-5
     for got, want in zip(jax.tree.leaves(unrolled_grads), jax.tree.leaves(scan_grads), strict=True):
         assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+
+
+def test_unrolled_backward_must_be_a_mode():
+    from fastft_jax import ops
+
+    with pytest.raises(ConfigError, match="unrolled_backward"):
+        ops.OpsConfig(unrolled_backward="early").validated()
 
 
 def test_layer_unroll_must_be_a_count():
