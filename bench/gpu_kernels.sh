@@ -11,7 +11,9 @@
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
-#   XLA's dynamic-slice fusion, one e2e run each) decode-exp(330: bench/decode_kernels.py, then batch-1
+#   each layer's backward tied to its cotangent, one e2e run each)
+#   grad-parity(330: bench/grad_parity.py, op by op) attention-tests(200: tests/test_attention.py one
+#   test at a time) decode-exp(330: bench/decode_kernels.py, then batch-1
 #   decode with the layer loop against the straight-line step, each with and without grouped projections) offload(200: llama3-8b True against
 #   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
 #   decode-hf(200: batch 1 and 32 at the defaults, against transformers' generate)
@@ -50,7 +52,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -130,17 +132,23 @@ for part in $parts; do
       timeout 170 python3 bench/e2e.py --model llama3-8b --checkpointing full,unsloth --extra "" \
         --ops mlp_tile_tokens=2048 --steps 6 --warmup 1 --deadline 160 --out "$dir" > "$log" 2>&1
       timeout 25 python3 bench/offload_overlap.py --e2e-json "$dir/e2e.json" --out "$dir" >> "$log" 2>&1 ;;
+    attention-tests)  # the attention tests one by one (a hang or a failure names its test), float32 at full precision
+      for t in $(python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_attention.py 2>/dev/null | grep ::); do
+        echo "== $t" >> "$log"
+        JAX_DEFAULT_MATMUL_PRECISION=highest timeout 40 python3 -m pytest -q -p no:cacheprovider --tb=short "$t" \
+          2>&1 | grep -v -i warn | tail -25 >> "$log"
+      done ;;
     grad-parity)  # which op's gradient parts "auto" from the reference (loss-parity failed at step 3)?
       OUT="$dir" timeout $limit python3 bench/grad_parity.py --model qwen2.5-1.5b --layers 4 --dtype float32,bfloat16 \
         --checkpointing unsloth --runs auto,singles > "$log" 2>&1 ;;
-    unroll-ab)  # the weight-slice copies: does a static slice (every layer unrolled) avoid them?
-      for variant in scan unrolled unrolled-dsf; do
-        ops=""; flags=""
-        [ "$variant" != scan ] && ops="--ops layer_unroll=0"
-        [ "$variant" = unrolled-dsf ] && flags="--xla-flags=--xla_gpu_enable_dynamic_slice_fusion=true"
+    unroll-ab)  # the layer scan against every layer unrolled, free (XLA overlaps the layers) and tied
+      for variant in scan unrolled unrolled-tied; do
+        ops=""
+        [ "$variant" = unrolled ] && ops="--ops layer_unroll=0"
+        [ "$variant" = unrolled-tied ] && ops="--ops layer_unroll=0,unrolled_backward=tied"
         echo "== $variant" >> "$log"
         timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
-          --warmup 1 --deadline 110 --config-timeout 105 $ops $flags --out "$dir/$variant" >> "$log" 2>&1
+          --warmup 1 --deadline 110 --config-timeout 105 $ops --out "$dir/$variant" >> "$log" 2>&1
       done ;;
   esac
   echo "== $part rc=$? took $(( $(date +%s) - start )) s" | tee -a "$OUT/parts.log"
