@@ -211,11 +211,12 @@ def bench_case(case: Case, cotangent, copy_gbps: float, warmup: int, iters: int)
 # (module, (attribute, ...), ((value, ...), ...)) for settings that only make sense together.
 SWEEPS = {
     # The backward's settings were swept in the third and fourth sessions (bench/RESULTS.md); what is
-    # open is the forward (72 % of copy): persistent programs with prefetching, alone and with two
-    # rows a block.
-    "rms_norm": [(rms_norm_module, "_FORWARD_PROGRAMS", (0, 256, 512, 1024, 2048)),
-                 (rms_norm_module, ("_FORWARD_PROGRAMS", "_BLOCK_ELEMENTS"), ((0, 8192), (512, 8192), (1024, 8192))),
-                 (rms_norm_module, "_BACKWARD_PROGRAMS", (256, 512))],
+    # open is the forward (72 % of copy). Persistent programs did not help (sixth session); next:
+    # warps per row (Inductor runs a 4096-wide row on 8-16) and the loads' eviction hint.
+    "rms_norm": [(rms_norm_module, "_ELEMENTS_PER_THREAD", (8, 16, 32)),
+                 (rms_norm_module, "_FORWARD_LOAD_EVICTION", (None, "evict_first", "evict_last")),
+                 (rms_norm_module, ("_ELEMENTS_PER_THREAD", "_FORWARD_LOAD_EVICTION"), ((8, "evict_first"),)),
+                 (rms_norm_module, "_FORWARD_PROGRAMS", (0, 512))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
     "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (4096, 8192, 16384, 32768)),

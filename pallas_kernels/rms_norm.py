@@ -53,6 +53,11 @@ _FORWARD_PROGRAMS = 0
 # Elements of a row block per thread: 16 bf16 values are two 16-byte vector loads, and the float32
 # copy of the block stays in registers.
 _ELEMENTS_PER_THREAD = 16
+# Cache eviction hint for the forward's row loads (None, or Triton's "evict_first" / "evict_last"):
+# each row is read once, so "evict_first" keeps it from displacing the weight in L2, as Inductor's
+# RMSNorm does (torch.compile's forward is 0.078 ms against our 0.086 at [16384, 4096] on an H200).
+# In the sweep until a GPU measures it.
+_FORWARD_LOAD_EVICTION: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +107,9 @@ def _forward_kernel(*refs, rows: int, hidden: int, eps: float, has_residual: boo
         if may_pass_run:
             in_run = step < num_steps
             mask, row_valid = mask & in_run, row_valid & in_run
-        x = pltriton.load(x_ref.at[block, :], mask=mask, other=0.0)
-        residual = pltriton.load(residual_ref.at[block, :], mask=mask, other=0.0) if has_residual else x
+        x = pltriton.load(x_ref.at[block, :], mask=mask, other=0.0, eviction_policy=_FORWARD_LOAD_EVICTION)
+        residual = (pltriton.load(residual_ref.at[block, :], mask=mask, other=0.0, eviction_policy=_FORWARD_LOAD_EVICTION)
+                    if has_residual else x)
         return x, residual, mask, row_valid
 
     def normalize_block(step, x, residual, mask, row_valid):
