@@ -209,8 +209,8 @@ def compare(runs: dict) -> dict:
             "exact": gap(runs, "auto-float32", "float32")}
     exact, auto32, ref32 = gaps["exact"], gaps["auto_vs_float32"], gaps["reference_vs_float32"]
     verdict = {
-        "exact": None if exact is None else exact["max_rel"] <= EXACT_BOUND,
-        "noise": None if auto32 is None or ref32 is None else auto32["mean_abs"] <= NOISE_FACTOR * ref32["mean_abs"],
+        "exact": None if exact is None else bool(exact["max_rel"] <= EXACT_BOUND),
+        "noise": None if auto32 is None or ref32 is None else bool(auto32["mean_abs"] <= NOISE_FACTOR * ref32["mean_abs"]),
     }
     verdict["pass"] = verdict["exact"] is True and verdict["noise"] is True
     return dict(gaps, verdict=verdict)
