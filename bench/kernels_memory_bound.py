@@ -219,10 +219,11 @@ SWEEPS = {
                  (rms_norm_module, "_FORWARD_PROGRAMS", (0, 512))],
     "swiglu": [(swiglu_module, "_BLOCK_ELEMENTS", (1024, 2048, 4096, 8192)),
                (swiglu_module, "_NUM_WARPS", (4, 8, 16))],
-    "rope_qk": [(rope_module, "_BLOCK_ELEMENTS", (4096, 8192, 16384, 32768)),
-                (rope_module, "_ELEMENTS_PER_THREAD", (8, 16, 32, 64)),
-                # several tokens a program, each still on about two warps' worth of threads
-                (rope_module, ("_BLOCK_ELEMENTS", "_ELEMENTS_PER_THREAD"), ((8192, 32), (16384, 32), (16384, 64)))],
+    # Tiles and warps were swept in the fourth to sixth sessions (no row beat the default); next:
+    # the loads' eviction hint, alone and with two tokens a program.
+    "rope_qk": [(rope_module, "_LOAD_EVICTION", (None, "evict_first", "evict_last")),
+                (rope_module, ("_BLOCK_ELEMENTS", "_LOAD_EVICTION"), ((8192, "evict_first"),)),
+                (rope_module, "_ELEMENTS_PER_THREAD", (16, 32))],
 }
 
 

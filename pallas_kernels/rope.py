@@ -85,6 +85,9 @@ _BLOCK_ELEMENTS = 4096
 # 32-head, 128-dim token): on an H200 (bench/RESULTS.md, sweep of 2026-11-28) fwd+bwd took 0.196 ms
 # at 32 against 0.263 at 16 and 0.343 at 8; more threads per token only add scheduling overhead.
 _ELEMENTS_PER_THREAD = 32
+# Cache eviction hint for the q/k loads (None, or Triton's "evict_first" / "evict_last"): each
+# element is read once. In bench/kernels_memory_bound.py's sweep until a GPU measures it.
+_LOAD_EVICTION: str | None = None
 
 
 def _choose_blocks(tokens: int, heads_pad: tuple[int, ...], half_pad: int) -> tuple[int, int]:
@@ -118,8 +121,10 @@ def _rotate_kernel(
         mask = token_valid[:, None, None] & head_valid[None, :, None] & column_valid[None, None, :]
         first_half = (slice(None), slice(None), pl.ds(0, half_pad))
         second_half = (slice(None), slice(None), pl.ds(half, half_pad))
-        first = pltriton.load(in_ref.at[first_half], mask=mask, other=0.0).astype(jnp.float32)
-        second = pltriton.load(in_ref.at[second_half], mask=mask, other=0.0).astype(jnp.float32)
+        first = pltriton.load(in_ref.at[first_half], mask=mask, other=0.0,
+                              eviction_policy=_LOAD_EVICTION).astype(jnp.float32)
+        second = pltriton.load(in_ref.at[second_half], mask=mask, other=0.0,
+                               eviction_policy=_LOAD_EVICTION).astype(jnp.float32)
         pltriton.store(out_ref.at[first_half], (first * cos - second * sin).astype(out_ref.dtype), mask=mask)
         pltriton.store(out_ref.at[second_half], (second * cos + first * sin).astype(out_ref.dtype), mask=mask)
 
