@@ -13,7 +13,8 @@
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   each layer's backward tied to its cotangent, one e2e run each)
 #   grad-parity(330: bench/grad_parity.py, op by op) attention-tests(200: tests/test_attention.py one
-#   test at a time) hopper-check(240: bench/attention_hopper_check.py, the Mosaic GPU attention) decode-exp(330: bench/decode_kernels.py, then batch-1
+#   test at a time) hopper-check(240: bench/attention_hopper_check.py, the Mosaic GPU attention)
+#   scan-flags(250: llama3-8b "selective" layer scan under three XLA flag sets for the slice copies) decode-exp(330: bench/decode_kernels.py, then batch-1
 #   decode with the layer loop against the straight-line step, each with and without grouped projections) offload(200: llama3-8b True against
 #   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
 #   decode-hf(200: batch 1 and 32 at the defaults, against transformers' generate)
@@ -52,7 +53,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -132,6 +133,19 @@ for part in $parts; do
       timeout 170 python3 bench/e2e.py --model llama3-8b --checkpointing full,unsloth --extra "" \
         --ops mlp_tile_tokens=2048 --steps 6 --warmup 1 --deadline 160 --out "$dir" > "$log" 2>&1
       timeout 25 python3 bench/offload_overlap.py --e2e-json "$dir/e2e.json" --out "$dir" >> "$log" 2>&1 ;;
+    scan-flags)  # the layer scan's weight-slice copies under XLA flags: dynamic-slice fusion is
+      # switched off where command buffers (CUDA graphs) run the loop (openxla/xla#19467), so try it
+      # with them off, them off alone, and the while loop's double buffering.
+      for variant in dsf-nocb nocb double-buffer; do
+        case $variant in
+          dsf-nocb) flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer=" ;;
+          nocb) flags="--xla_gpu_enable_command_buffer=" ;;
+          double-buffer) flags="--xla_gpu_enable_while_loop_double_buffering=true" ;;
+        esac
+        echo "== $variant: $flags" >> "$log"
+        timeout 80 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
+          --warmup 1 --deadline 75 --config-timeout 70 --xla-flags="$flags" --out "$dir/$variant" >> "$log" 2>&1
+      done ;;
     hopper-check)  # the Mosaic GPU (sm90) flash attention: correctness against the reference, then speed beside cuDNN
       OUT="$dir" timeout $limit python3 bench/attention_hopper_check.py --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
     attention-tests)  # the attention tests one by one (a hang or a failure names its test), float32 at full precision
