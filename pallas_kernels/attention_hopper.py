@@ -403,6 +403,7 @@ def _forward(static: _Static, q, k, v, segment_ids, table):
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_attention_hopper_forward",
     )(*operands)
     return out, lse
 
@@ -569,6 +570,7 @@ def _backward_dq(static: _Static, q, k, v, segment_ids, d_out, lse, delta, table
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_attention_hopper_dq",
     )(*operands)
 
 
@@ -745,6 +747,7 @@ def _backward_dkv(static: _Static, q, k, v, segment_ids, d_out, lse, delta, tabl
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_attention_hopper_dkv",
     )(*operands)
 
 
