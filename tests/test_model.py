@@ -220,8 +220,7 @@ def test_checkpointing_modes_keep_what_they_promise():
         assert stacked_residual_floats("unsloth", "<host>") == hidden * batch * seq * layers
 
 
-@pytest.mark.parametrize(("unroll", "backward"), [(0, "free"), (0, "tied"), (2, "tied")])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize(("unroll", "backward", "dropout"), [(0, "free", 0.1), (0, "tied", 0.0), (2, "tied", 0.1)])
 def test_unrolled_layers_equal_the_scan(unroll, backward, dropout):
     """kernels.layer_unroll changes how XLA loops over the layers, not what they compute: the loss
     and every LoRA gradient equal the one-layer scan's (float32), under checkpointing too (free, or
