@@ -116,7 +116,7 @@ EOS_ID, BOS_ID, PAD_ID = 0, 1, 2
 LORA_RANK, LORA_ALPHA, LEARNING_RATE = 16, 16.0, 2e-4
 CHECKPOINTING = {"none": False, "full": True, "unsloth": "unsloth", "selective": "selective"}
 KERNEL_PRESETS = ("auto", "reference", "pallas")
-ATTENTION_CHOICES = ("preset", "auto", "cudnn", "pallas", "xla", "reference")
+ATTENTION_CHOICES = ("preset", "auto", "cudnn", "pallas", "xla", "reference", "hopper")
 PEER_NAMES = {"hf_peft": "HF+PEFT", "liger": "Liger", "unsloth": "Unsloth", "unsloth4": "Unsloth 4-bit",
               "hf_qlora": "HF QLoRA"}
 PEER_CKPT_ROOT = "/tmp/peer_bench_ckpt"

@@ -31,7 +31,9 @@ from pallas_kernels import swiglu as swiglu_kernels
 
 OP_NAMES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy", "attention", "dequant", "decode_matmul")
 MODES = ("auto", "reference", "pallas")
-ATTENTION_MODES = MODES + ("cudnn", "xla")
+# attention "hopper": pallas_kernels/attention_hopper.py (Mosaic GPU, sm90 only), opt-in until an
+# H100/H200 has checked and timed it (bench/attention_hopper_check.py).
+ATTENTION_MODES = MODES + ("cudnn", "xla", "hopper")
 # lora_linear's "xla": the kernel file's custom_vjp (cheapest matmul order, nothing but x and x·A
 # saved) with cuBLAS matmuls instead of the Pallas forward.
 LORA_LINEAR_MODES = MODES + ("xla",)
@@ -135,6 +137,12 @@ class OpsConfig:
         if unroll != "auto" and (not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0):
             raise ConfigError(f"kernels.layer_unroll={unroll!r}: use a number of layers per scan step, 0 to "
                               'unroll every layer, or "auto" (the default)')
+        if self.attention == "hopper":
+            from pallas_kernels.attention_hopper import hopper_attention_available
+
+            if not hopper_attention_available():
+                raise ConfigError("kernels.attention=hopper needs an sm90 GPU (H100/H200), and this machine's "
+                                  f"default backend is {jax.default_backend()!r}; use auto or pallas")
         if self.unrolled_backward not in UNROLLED_BACKWARD_MODES:
             raise ConfigError(f"kernels.unrolled_backward={self.unrolled_backward!r} is not one of "
                               f"{', '.join(UNROLLED_BACKWARD_MODES)}")
@@ -451,6 +459,10 @@ def attention(
         raise ConfigError("kernels.attention=cudnn cannot mask packed rows (segment ids); use auto or pallas")
     if mode == "pallas":
         return _kernel("attention")(q, k, v, causal=True, segment_ids=segment_ids)
+    if mode == "hopper":  # validated() has checked the GPU; imported here, as only this path needs Mosaic GPU
+        from pallas_kernels.attention_hopper import flash_attention_hopper
+
+        return flash_attention_hopper(q, k, v, causal=True, segment_ids=segment_ids)
     if mode in ("cudnn", "xla"):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=mode)
     return attention_kernels.attention_reference(q, k, v, causal=True, segment_ids=segment_ids)

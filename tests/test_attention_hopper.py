@@ -69,3 +69,13 @@ def test_head_dim_over_128_is_refused():
 def test_not_available_on_cpu():
     assert jax.default_backend() == "cpu"
     assert hopper_attention_available() is False
+
+
+def test_the_op_seam_refuses_hopper_without_an_sm90_gpu():
+    """kernels.attention="hopper" is opt-in; on a machine without an H100/H200 the config is refused
+    before any work, with what to use instead."""
+    from convert.errors import ConfigError
+    from fastft_jax import ops
+
+    with pytest.raises(ConfigError, match="sm90 GPU.*use auto or pallas"):
+        ops.OpsConfig(attention="hopper").validated()
