@@ -41,6 +41,9 @@ def main() -> int:
     for device in jax.devices():
         print(f"  device            {device.device_kind} ({device.platform}:{device.id})")
     print(f"  pallas kernels    {'interpret mode (no GPU)' if use_interpret() else 'native (Triton on GPU)'}")
+    from pallas_kernels.attention_hopper import hopper_attention_available
+
+    print(f"  hopper attention  {'sm90 GPU: kernels.attention=hopper can run (opt-in)' if hopper_attention_available() else 'not available (needs an H100/H200)'}")
     print("  4-bit (QLoRA)     available: NF4 in bitsandbytes' layout (load_in_4bit=True), int8 (load_in_8bit=True); "
           "dequant kernel checked below")
 
