@@ -21,6 +21,7 @@ Writes $OUT/attention_hopper.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from pallas_kernels.attention import attention_reference, flash_attention  # noq
 from pallas_kernels.attention_hopper import flash_attention_hopper, hopper_attention_available  # noqa: E402
 
 TOLERANCE = 1e-2  # bf16 and fp16
+CASE_TIMEOUT_S = 60  # compile + run of one correctness case; longer is a hang
 MODELS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}  # heads_q, heads_kv, head_dim
 
 
@@ -121,6 +123,10 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"SKIP  {name}", flush=True)
             continue
+        # A barrier mistake hangs the GPU rather than failing: name the case first, and after
+        # CASE_TIMEOUT_S dump the stacks and exit (the rows so far are already in the JSON).
+        print(f"RUN   {name}", flush=True)
+        faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
         try:
             q, k, v, d_out = random_inputs(1000 + index, batch, seq_q, seq_k, heads_q, heads_kv, head_dim, dtype)
             segment_ids = jnp.asarray(packed_segment_ids(batch, seq_q, 5, seed=index)) if packed else None
@@ -148,12 +154,21 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
             row["status"] = "FAIL"
             row["error"] = short_error(exc)
             traceback.print_exc()
+        faulthandler.cancel_dump_traceback_later()
         detail = row.get("error") or " ".join(f"{p}={e:.1e}" for p, e in row["errors"].items())
         if "padding_max_abs" in row:
             detail += f" padding_max_abs={row['padding_max_abs']:.1e}"
         print(f"{row['status']:5} {name}: {detail}", flush=True)
         rows.append(row)
+        write_json({"correctness": rows})
     return rows
+
+
+def write_json(results: dict[str, Any]) -> None:
+    """$OUT/attention_hopper.json (when OUT is set), rewritten as results arrive."""
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "attention_hopper.json"
+        path.write_text(json.dumps(results, indent=1))
 
 
 def causal_flops(batch: int, seq: int, heads_q: int, head_dim: int) -> float:
@@ -258,10 +273,9 @@ def main() -> None:
         print_speed_table(speeds)
     print(f"\ncorrectness: {passed}/{len(checks)} PASS; "
           f"failed: {[row['case'] for row in checks if row['status'] == 'FAIL']}")
+    write_json({"env": env, "correctness": checks, "speed": speeds})
     if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "attention_hopper.json"
-        path.write_text(json.dumps({"env": env, "correctness": checks, "speed": speeds}, indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {Path(os.environ['OUT']) / 'attention_hopper.json'}")
 
 
 if __name__ == "__main__":
