@@ -1,0 +1,310 @@
+"""x @ w_stack[layer] (or x @ w_stack[layer].T) for Hopper (sm90), through Pallas' Mosaic GPU
+backend, reading the layer's weight straight out of the stacked [layers, d_in, d_out] array.
+
+Why: a jax.lax.scan over decoder layers slices each layer's frozen weight out of the stack with a
+traced index, and XLA copies that dynamic slice into a fresh buffer before cuBLAS reads it. This
+kernel takes the whole stack plus the layer index (as data, a 1-element int32 operand) and points
+its TMA copies at w_stack[layer] directly, so nothing is copied and the scan stays.
+
+Structure (jax's hopper_matmul_mgpu example, written for this case): a persistent grid of one CTA
+per SM walks the output tiles; per CTA a producer warpgroup streams K-steps of the x tile and the
+weight tile through a ring of swizzled smem slots with TMA, two consumer warpgroups each wgmma one
+half of the output tile into f32 registers, and the epilogue writes it back through smem with TMA.
+transpose_w=True reads the same [d_in, d_out] weight tiles and hands wgmma a transposed smem view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels._common import cdiv
+
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_COMPUTE_WGS = 2  # consumer warpgroups per CTA; a third one (the producer) issues the TMA copies
+_SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one sm90 CTA may use
+_SM90_SMS = 132  # H100 / H200 SXM; used when tracing without a GPU (an export from a CPU)
+_SWIZZLE_BYTES = 128
+_SWIZZLE_ELEMS = _SWIZZLE_BYTES // 2  # 16-bit elements in one 128-byte swizzle row
+_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+
+
+def available() -> bool:
+    """True when the default backend is an sm90 GPU (H100/H200/GH200); never raises."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)
+        if capability is not None:
+            return str(capability).split(".")[0] == "9"
+        kind = device.device_kind.lower()
+        return any(name in kind for name in ("h100", "h200", "h800", "h20"))
+    except Exception:  # a missing or broken backend means "not available", never an error
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperMatmulTiles:
+    """One CTA computes a tile_m x (2 * tile_n) output tile: both consumer warpgroups share the x
+    tile and each owns tile_n columns. tile_k is the K-step of the pipeline, stages the number of
+    smem slots in flight, epilogue_n the width of one TMA store of the output."""
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    stages: int
+    epilogue_m: int
+    epilogue_n: int
+    grid_tile_width: int
+
+    @property
+    def cta_tile_n(self) -> int:
+        return _COMPUTE_WGS * self.tile_n
+
+    def smem_bytes(self, itemsize: int) -> int:
+        ring = self.stages * (self.tile_m * self.tile_k + self.tile_k * self.cta_tile_n) * itemsize
+        epilogue = _COMPUTE_WGS * self._out_slots * self.epilogue_m * self.epilogue_n * itemsize
+        return ring + epilogue
+
+    @property
+    def _out_slots(self) -> int:
+        return min(2, (self.tile_m * self.tile_n) // (self.epilogue_m * self.epilogue_n))
+
+
+def choose_tiles(tokens: int, d_k: int, d_n: int) -> HopperMatmulTiles:
+    """Tiles for an [tokens, d_k] @ [d_k, d_n] product (d_k, d_n: the weight's contracted and
+    output dimensions in this orientation).
+
+    tile_k = 64: 64 16-bit elements are one 128-byte swizzle row, the widest swizzle, so every smem
+    tile (x [tile_m, 64]; weight [64, n] forward, [n, 64] transposed) is read by wgmma without
+    bank conflicts, and a K-step is 4 wgmma instructions deep.
+    tile_m = 128, tile_n = 128 per consumer warpgroup: a 128 x 128 f32 accumulator is 128
+    registers of the 232 a consumer thread gets, and the 128 x 256 CTA tile halves the smem
+    traffic per flop against 128 x 128 (the shape CUTLASS's and jax's own sm90 GEMMs settle on).
+    d_n that is a multiple of 128 but not 256 takes tile_n = 64 instead (no real Llama/Qwen size
+    needs it: 256, 512, 1024, 1536, 3584, 4096, 8960, 14336 and 18944 are all multiples of 256).
+    stages = 4: 4 x (16 KiB x tile + 32 KiB weight tile) + 32 KiB of epilogue buffers = 224 KiB
+    of the 227 KiB; a 5th slot would not fit, and 4 slots of 64-deep K cover the TMA latency.
+    Epilogue 64 x 64: each consumer stores its tile in 64 x 64 pieces through two smem slots, so
+    the TMA store of one piece overlaps writing the next into smem.
+    grid_tile_width = 8: the persistent loop walks the output tiles in bands 8 CTA-columns wide,
+    so the 132 CTAs in flight read about 16 x-row tiles and 8 weight-column tiles at a time,
+    which stay in L2.
+    """
+    del tokens, d_k  # the same tiles serve every token count; the wrapper pads tokens to tile_m
+    tile_n = 128 if d_n % (2 * 128) == 0 else 64
+    return HopperMatmulTiles(
+        tile_m=128, tile_n=tile_n, tile_k=64, stages=4, epilogue_m=64, epilogue_n=64, grid_tile_width=8
+    )
+
+
+def _check(x, w_stack, layer, transpose_w: bool) -> None:
+    """Raise a ValueError (saying what to use instead) for what this kernel does not handle."""
+    fallback = "use pallas_kernels.stacked_matmul_hopper.stacked_matmul_reference (XLA) instead"
+    if x.ndim != 2 or w_stack.ndim != 3:
+        raise ValueError(
+            f"stacked_matmul_hopper takes x [tokens, d] and w_stack [layers, d_in, d_out], got x {x.shape} "
+            f"and w_stack {w_stack.shape}; flatten leading token axes first"
+        )
+    if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES or jnp.dtype(w_stack.dtype) != jnp.dtype(x.dtype):
+        raise ValueError(
+            f"stacked_matmul_hopper needs x and w_stack both bfloat16 or both float16, got x {x.dtype} and "
+            f"w_stack {w_stack.dtype}; {fallback} (or cast the inputs)"
+        )
+    if jnp.shape(layer) not in ((), (1,)) or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"layer must be an integer scalar (a traced one is fine), got {jnp.shape(layer)} "
+                         f"{jnp.result_type(layer)}")
+    _, d_in, d_out = w_stack.shape
+    d_k, d_n = (d_out, d_in) if transpose_w else (d_in, d_out)
+    if x.shape[1] != d_k:
+        raise ValueError(
+            f"x has {x.shape[1]} features but w_stack {w_stack.shape} with transpose_w={transpose_w} "
+            f"contracts over {d_k}"
+        )
+    # The weight is never padded (that would copy the stack, the very thing this kernel avoids),
+    # so its tiles must divide it.
+    if d_k % 64 or d_n % 128:
+        raise ValueError(
+            f"stacked_matmul_hopper needs the contracted weight dimension to be a multiple of 64 and the "
+            f"output one a multiple of 128, got {d_k} and {d_n} (w_stack {w_stack.shape}, "
+            f"transpose_w={transpose_w}); {fallback}"
+        )
+
+
+def _num_sms() -> int:
+    if jax.default_backend() == "gpu":
+        return jax.devices()[0].core_count
+    return _SM90_SMS
+
+
+def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTiles, transpose_w: bool):
+    tokens, d_k = x_gmem.shape
+    d_n = out_gmem.shape[1]
+    tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    cta_tile_n = tiles.cta_tile_n
+    m_tiles, n_tiles, k_steps = tokens // tile_m, d_n // cta_tile_n, d_k // tile_k
+    epilogue_m, epilogue_n = tiles.epilogue_m, tiles.epilogue_n
+    out_slots = tiles._out_slots
+    dtype = out_gmem.dtype
+
+    # The layer index is data: one int32 in gmem, read as a scalar. The TMA source view below
+    # indexes the stack's leading axis with it, so every copy reads w_stack[layer] in place.
+    layer = layer_ref[0]
+    w_layer = w_gmem.at[layer]
+
+    if transpose_w:  # weight tiles are [n, k] rows of w_stack[layer]; wgmma reads them transposed
+        w_spec = plgpu.BlockSpec((cta_tile_n, tile_k), lambda k: (0, k), transforms=_TRANSFORMS)
+    else:
+        w_spec = plgpu.BlockSpec((tile_k, cta_tile_n), lambda k: (k, 0), transforms=_TRANSFORMS)
+    x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda k: (0, k), transforms=_TRANSFORMS)
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_steps,),
+            memory_registers=40,
+            in_specs=[x_spec, w_spec],
+            wg_axis="wg",
+            num_compute_wgs=_COMPUTE_WGS,
+            max_concurrent_steps=tiles.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # the body does not change the allocations
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_layer),
+        out_smem=plgpu.SMEM((_COMPUTE_WGS, out_slots, epilogue_m, epilogue_n), dtype, transforms=_TRANSFORMS),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        def _tile_loop(loop_info):
+            (linear,) = loop_info.index
+            m_idx, n_idx = plgpu.planar_snake(linear, (m_tiles, n_tiles), 1, tiles.grid_tile_width)
+            rows = pl.ds(m_idx * tile_m, tile_m)
+            cta_cols = pl.ds(n_idx * cta_tile_n, cta_tile_n)
+            wg_cols = pl.ds(wg * tile_n, tile_n)
+
+            def compute_context(run_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def _acc_scope(acc_ref):
+                    run_pipeline(acc_ref)
+                    acc = acc_ref[...].astype(dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
+                    pieces_n = tile_n // epilogue_n
+                    for piece_m in range(tile_m // epilogue_m):
+                        for piece_n in range(pieces_n):
+                            piece_rows = slice(piece_m * epilogue_m, (piece_m + 1) * epilogue_m)
+                            piece_cols = slice(piece_n * epilogue_n, (piece_n + 1) * epilogue_n)
+                            slot = (piece_m * pieces_n + piece_n) % out_slots
+                            plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
+                            out_smem[wg, slot] = acc[piece_rows, piece_cols]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[rows, cta_cols].at[:, wg_cols].at[piece_rows, piece_cols],
+                            )
+
+            def mma(indices, x_smem, w_smem, acc_ref):
+                if transpose_w:
+                    w_tile = w_smem.at[wg_cols].transpose((1, 0))
+                else:
+                    w_tile = w_smem.at[:, wg_cols]
+                plgpu.wgmma(acc_ref, x_smem, w_tile)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            w_source = w_layer.at[cta_cols, :] if transpose_w else w_layer.at[:, cta_cols]
+            pipeline(mma, compute_context)(x_gmem.at[rows, :], w_source, allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _stacked_matmul_kernel(x, w_stack, layer, transpose_w: bool):
+    tokens, d_k = x.shape
+    _, d_in, d_out = w_stack.shape
+    d_n = d_in if transpose_w else d_out
+    tiles = choose_tiles(tokens, d_k, d_n)
+    if tiles.smem_bytes(x.dtype.itemsize) > _SMEM_BYTES:
+        raise ValueError(f"{tiles} needs {tiles.smem_bytes(x.dtype.itemsize)} bytes of smem, over {_SMEM_BYTES}")
+    # Token rows are padded up to tile_m here (a copy of x only when tokens is not a multiple of
+    # 128) and the padded rows of the output are sliced off; the weight side is never padded.
+    tokens_padded = cdiv(tokens, tiles.tile_m) * tiles.tile_m
+    if tokens_padded != tokens:
+        x = jnp.pad(x, ((0, tokens_padded - tokens), (0, 0)))
+    num_tiles = (tokens_padded // tiles.tile_m) * (d_n // tiles.cta_tile_n)
+    out = plgpu.kernel(
+        functools.partial(_kernel_body, tiles=tiles, transpose_w=transpose_w),
+        out_type=jax.ShapeDtypeStruct((tokens_padded, d_n), x.dtype),
+        grid=(min(_num_sms(), num_tiles),),
+        grid_names=("sm",),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name="stacked_matmul_hopper_t" if transpose_w else "stacked_matmul_hopper",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack)
+    return out[:tokens] if tokens_padded != tokens else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient. y = x W (W = w_stack[layer], frozen): dx = dy W^T, the same kernel with the weight
+# orientation flipped (and for y = x W^T, dx = dy W). w_stack and layer get no cotangent (None:
+# a symbolic zero, never materialised; the stack is frozen and layer is an integer).
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _stacked_matmul(x, w_stack, layer, transpose_w):
+    return _stacked_matmul_kernel(x, w_stack, layer, transpose_w)
+
+
+def _stacked_matmul_fwd(x, w_stack, layer, transpose_w):
+    return _stacked_matmul_kernel(x, w_stack, layer, transpose_w), (w_stack, layer)
+
+
+def _stacked_matmul_bwd(transpose_w, residuals, d_out):
+    w_stack, layer = residuals
+    return _stacked_matmul_kernel(d_out, w_stack, layer, not transpose_w), None, None
+
+
+_stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
+
+
+def stacked_matmul_hopper(
+    x: Float[Array, "tokens d_x"],
+    w_stack: Float[Array, "layers d_in d_out"],
+    layer: Int[Array, ""],
+    *,
+    transpose_w: bool = False,
+) -> Float[Array, "tokens d_y"]:
+    """x @ w_stack[layer] (x [tokens, d_in] -> [tokens, d_out]) or, with transpose_w=True,
+    x @ w_stack[layer].T (x [tokens, d_out] -> [tokens, d_in]), float32 accumulation, x.dtype out,
+    without copying or transposing the stack. layer may be a tracer (a scan's layer index).
+    Differentiable in x only: the stack is treated as frozen."""
+    _check(x, w_stack, layer, transpose_w)
+    return _stacked_matmul(x, w_stack, jnp.asarray(layer, jnp.int32), transpose_w)
+
+
+def stacked_matmul_reference(
+    x: Float[Array, "tokens d_x"],
+    w_stack: Float[Array, "layers d_in d_out"],
+    layer: Int[Array, ""],
+    transpose_w: bool = False,
+) -> Float[Array, "tokens d_y"]:
+    """The same product in XLA: a dynamic slice of the stack and a float32-accumulated jnp.dot."""
+    weight = lax.dynamic_index_in_dim(w_stack, layer, axis=0, keepdims=False)
+    if transpose_w:
+        weight = weight.T
+    return jnp.dot(x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
