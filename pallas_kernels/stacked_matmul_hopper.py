@@ -71,11 +71,11 @@ class HopperMatmulTiles:
 
     def smem_bytes(self, itemsize: int) -> int:
         ring = self.stages * (self.tile_m * self.tile_k + self.tile_k * self.cta_tile_n) * itemsize
-        epilogue = _COMPUTE_WGS * self._out_slots * self.epilogue_m * self.epilogue_n * itemsize
+        epilogue = _COMPUTE_WGS * self.out_slots * self.epilogue_m * self.epilogue_n * itemsize
         return ring + epilogue
 
     @property
-    def _out_slots(self) -> int:
+    def out_slots(self) -> int:
         return min(2, (self.tile_m * self.tile_n) // (self.epilogue_m * self.epilogue_n))
 
 
@@ -152,7 +152,7 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTile
     cta_tile_n = tiles.cta_tile_n
     m_tiles, n_tiles, k_steps = tokens // tile_m, d_n // cta_tile_n, d_k // tile_k
     epilogue_m, epilogue_n = tiles.epilogue_m, tiles.epilogue_n
-    out_slots = tiles._out_slots
+    out_slots = tiles.out_slots
     dtype = out_gmem.dtype
 
     # The layer index is data: one int32 in gmem, read as a scalar. The TMA source view below
@@ -291,10 +291,15 @@ def stacked_matmul_hopper(
 ) -> Float[Array, "tokens d_y"]:
     """x @ w_stack[layer] (x [tokens, d_in] -> [tokens, d_out]) or, with transpose_w=True,
     x @ w_stack[layer].T (x [tokens, d_out] -> [tokens, d_in]), float32 accumulation, x.dtype out,
-    without copying or transposing the stack. layer may be a tracer (a scan's layer index).
-    Differentiable in x only: the stack is treated as frozen."""
+    without copying or transposing the stack. layer may be a tracer (a scan's layer index); out of
+    range it is clamped, as lax.dynamic_slice does. Differentiable in x only: the stack is treated
+    as frozen (its cotangent is a symbolic zero). Token counts that are not a multiple of 128 cost
+    a padded copy of x; the weight is never padded (see choose_tiles for the shapes it takes)."""
     _check(x, w_stack, layer, transpose_w)
-    return _stacked_matmul(x, w_stack, jnp.asarray(layer, jnp.int32), transpose_w)
+    # Clamped as lax.dynamic_slice clamps (the reference's semantics): a TMA copy from an
+    # out-of-range layer would not fault, it would read past the stack.
+    layer = jnp.clip(jnp.reshape(jnp.asarray(layer, jnp.int32), ()), 0, w_stack.shape[0] - 1)
+    return _stacked_matmul(x, w_stack, layer, transpose_w)
 
 
 def stacked_matmul_reference(

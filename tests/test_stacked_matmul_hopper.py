@@ -33,6 +33,7 @@ CASES = [
     ("qwen25_7b_up_proj_bf16", 130, 3584, 18944, jnp.bfloat16),
     ("qwen25_15b_v_proj_fp16", 128, 1536, 256, jnp.float16),
     ("qwen25_15b_gate_proj_bf16", 77, 1536, 8960, jnp.bfloat16),
+    ("d_out_384_takes_64_wide_tiles_bf16", 128, 512, 384, jnp.bfloat16),
 ]
 LAYERS = 3
 

@@ -1,0 +1,361 @@
+"""The Hopper (Mosaic GPU) stacked-weight GEMM on an H100/H200: correctness first, then speed.
+
+(a) Correctness: `stacked_matmul_hopper(x, w_stack, layer)` (layer a traced argument) against a
+    float32 jnp.dot of w_stack[layer] on the same 16-bit inputs, as the relative norm
+    ||got - ref|| / ||ref|| (tolerance 1e-2, bf16 and fp16), for every projection shape of
+    Llama-3-8B, Qwen2.5-7B and Qwen2.5-1.5B, both orientations (x @ W and x @ W^T), with token
+    counts that are and are not a multiple of the 128-row tile; then dx of a 4-layer lax.scan
+    (jax.grad through x) against the same scan in float32.
+(b) Speed, Llama-3-8B shapes at 4096 and 8192 tokens, both orientations: ours; jnp.dot of a static
+    slice w_stack[3] (cuBLAS on a slice XLA need not copy: the bar to meet); jnp.dot of a dynamic
+    slice w_stack[layer] with the layer a jit argument (what the scan pays: slice copy + cuBLAS).
+    Then a lax.scan over 32 layers of x -> x @ W[i] (4096 x 4096, 4096 tokens), forward and
+    forward+backward (dx), ours against jnp.dot of the scan's slice, so the per-layer copy shows.
+
+Run from the repository root on the GPU machine: python bench/stacked_matmul_hopper_check.py
+  --deadline S   skip the cases left after S seconds (default 110)
+  --skip-speed   correctness only
+Writes $OUT/stacked_matmul_hopper.json when OUT is set (rewritten after every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.timing import short_error, time_ms  # noqa: E402
+from pallas_kernels.stacked_matmul_hopper import (  # noqa: E402
+    available,
+    choose_tiles,
+    stacked_matmul_hopper,
+    stacked_matmul_reference,
+)
+
+TOLERANCE = 1e-2  # bf16 and fp16
+CASE_TIMEOUT_S = 60  # compile + run of one case; longer is a hang (a pipeline barrier mistake)
+BF16, FP16 = jnp.bfloat16, jnp.float16
+
+# (d_in, d_out) of q/o, k/v, gate/up, down
+MODEL_SHAPES = {
+    "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+    "qwen2.5-7b": [(3584, 3584), (3584, 512), (3584, 18944), (18944, 3584)],
+    "qwen2.5-1.5b": [(1536, 1536), (1536, 256), (1536, 8960), (8960, 1536)],
+}
+# tokens per model in the correctness pass: the real batch (4096), and counts off the 128-row tile
+CORRECTNESS_TOKENS = {"llama3-8b": (4096, BF16), "qwen2.5-7b": (1000, BF16), "qwen2.5-1.5b": (77, FP16)}
+LAYERS = 4  # stack depth of the correctness and speed cases; the layer read is 2 or 3, not 0
+
+RESULTS: dict[str, Any] = {}
+
+
+def write_json() -> None:
+    """$OUT/stacked_matmul_hopper.json (when OUT is set), rewritten as rows arrive, so a crash or a
+    hang keeps the rows so far."""
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "stacked_matmul_hopper.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def relative_norm(got, want) -> float:
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+    if not np.all(np.isfinite(got)):
+        return float("nan")
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def random_stack(seed: int, layers: int, d_in: int, d_out: int, dtype):
+    """Weights scaled by 1/sqrt(d_in), as a trained projection keeps activations O(1)."""
+    return (jax.random.normal(jax.random.PRNGKey(seed), (layers, d_in, d_out), jnp.float32) / np.sqrt(d_in)).astype(
+        dtype
+    )
+
+
+def random_x(seed: int, tokens: int, features: int, dtype):
+    return jax.random.normal(jax.random.PRNGKey(seed), (tokens, features), jnp.float32).astype(dtype)
+
+
+def guarded(rows: list, row: dict[str, Any], deadline: float, body) -> None:
+    """Name the case, run body(row) under a hang watchdog, record an exception in the row, append
+    the row and rewrite the JSON."""
+    if time.perf_counter() > deadline:
+        row["status"] = "SKIPPED (deadline)"
+        print(f"SKIP  {row['case']}", flush=True)
+        rows.append(row)
+        return
+    print(f"RUN   {row['case']}", flush=True)
+    faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+    try:
+        body(row)
+    except Exception as exc:  # noqa: BLE001
+        row["status"] = "FAIL"
+        row["error"] = short_error(exc)
+        traceback.print_exc()
+    faulthandler.cancel_dump_traceback_later()
+    rows.append(row)
+    write_json()
+
+
+# --- (a) correctness ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _ours(transpose_w: bool):
+    return jax.jit(lambda x, w_stack, layer: stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w))
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_reference(transpose_w: bool):
+    def reference(x, w_stack, layer):
+        weight = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False).astype(jnp.float32)
+        weight = weight.T if transpose_w else weight
+        return jnp.dot(x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.jit(reference)
+
+
+def correctness(deadline: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    RESULTS["correctness"] = rows
+    seed = 0
+    for model, shapes in MODEL_SHAPES.items():
+        tokens, dtype = CORRECTNESS_TOKENS[model]
+        for d_in, d_out in shapes:
+            for transpose_w in (False, True):
+                seed += 1
+                name = f"{model} {d_in}x{d_out}{' T' if transpose_w else ''} tokens={tokens} {jnp.dtype(dtype).name}"
+                row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out,
+                                       "transpose_w": transpose_w, "dtype": jnp.dtype(dtype).name}
+
+                def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, seed=seed, tokens=tokens, dtype=dtype):
+                    w_stack = random_stack(seed, LAYERS, d_in, d_out, dtype)
+                    x = random_x(seed + 1000, tokens, d_out if transpose_w else d_in, dtype)
+                    layer = jnp.int32(2)
+                    got = _ours(transpose_w)(x, w_stack, layer)
+                    want = _float32_reference(transpose_w)(x, w_stack, layer)
+                    row["rel_err"] = relative_norm(got, want)
+                    # the same product of a neighbouring layer, so reading the wrong layer shows
+                    row["rel_err_vs_layer_1"] = relative_norm(got, _float32_reference(transpose_w)(x, w_stack, 1))
+                    row["status"] = "PASS" if row["rel_err"] <= TOLERANCE else "FAIL"
+
+                guarded(rows, row, deadline, body)
+                print(f"{row['status']:5} {name}: {row.get('error') or format(row.get('rel_err', float('nan')), '.2e')}",
+                      flush=True)
+
+    row = {"case": "dx of a 4-layer lax.scan, 4096x4096, tokens=1000 bf16"}
+
+    def scan_grad(row):
+        w_stack = random_stack(99, LAYERS, 4096, 4096, BF16)
+        x = random_x(100, 1000, 4096, BF16)
+        probe = random_x(101, 1000, 4096, jnp.float32)
+
+        def loss(matmul):
+            def fn(x, w_stack):
+                def body(hidden, layer):
+                    return matmul(hidden, w_stack, layer), None
+
+                hidden, _ = jax.lax.scan(body, x, jnp.arange(LAYERS, dtype=jnp.int32))
+                return jnp.sum(hidden.astype(jnp.float32) * probe)
+
+            return jax.jit(jax.grad(fn))
+
+        got = loss(stacked_matmul_hopper)(x, w_stack)
+        want = loss(stacked_matmul_reference)(x.astype(jnp.float32), w_stack.astype(jnp.float32))
+        row["rel_err"] = relative_norm(got, want)
+        row["rel_err_vs_xla_bf16"] = relative_norm(got, loss(stacked_matmul_reference)(x, w_stack))
+        row["status"] = "PASS" if row["rel_err"] <= TOLERANCE else "FAIL"
+
+    guarded(rows, row, deadline, scan_grad)
+    print(f"{row['status']:5} {row['case']}: {row.get('error') or format(row.get('rel_err', float('nan')), '.2e')}",
+          flush=True)
+    return rows
+
+
+# --- (b) speed ----------------------------------------------------------------------------------
+
+
+def _speed_impls(transpose_w: bool):
+    def orient(weight):
+        return weight.T if transpose_w else weight
+
+    def static_slice(x, w_stack, layer):
+        del layer
+        return jnp.dot(x, orient(w_stack[3]), preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def dynamic_slice(x, w_stack, layer):
+        weight = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False)
+        return jnp.dot(x, orient(weight), preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def ours(x, w_stack, layer):
+        return stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w)
+
+    return {"ours": jax.jit(ours), "xla_static_slice": jax.jit(static_slice), "xla_dynamic_slice": jax.jit(dynamic_slice)}
+
+
+def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list) -> None:
+    for d_in, d_out in MODEL_SHAPES["llama3-8b"]:
+        w_stack = random_stack(d_in + d_out, LAYERS, d_in, d_out, BF16)
+        for transpose_w in (False, True):
+            name = f"speed llama3-8b {d_in}x{d_out}{' T' if transpose_w else ''} tokens={tokens}"
+            row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out,
+                                   "transpose_w": transpose_w}
+            flops = 2.0 * tokens * d_in * d_out
+
+            def body(row, w_stack=w_stack, transpose_w=transpose_w, d_in=d_in, d_out=d_out):
+                x = random_x(tokens, tokens, d_out if transpose_w else d_in, BF16)
+                layer = jnp.int32(3)
+                impls = _speed_impls(transpose_w)
+                row["rel_err_ours_vs_static"] = relative_norm(impls["ours"](x, w_stack, layer),
+                                                              impls["xla_static_slice"](x, w_stack, layer))
+                for impl, fn in impls.items():
+                    try:
+                        ms = time_ms(fn, x, w_stack, layer, warmup=warmup, iters=iters)
+                        row[f"{impl}_ms"] = ms
+                        row[f"{impl}_tflops"] = flops / (ms * 1e-3) / 1e12
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"{impl}_error"] = short_error(exc)
+                if "ours_ms" in row and "xla_static_slice_ms" in row:
+                    row["ours_over_static"] = row["ours_ms"] / row["xla_static_slice_ms"]
+                if "xla_dynamic_slice_ms" in row and "xla_static_slice_ms" in row:
+                    row["dynamic_over_static"] = row["xla_dynamic_slice_ms"] / row["xla_static_slice_ms"]
+                row["status"] = "OK"
+
+            guarded(rows, row, deadline, body)
+        del w_stack
+
+
+def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int = 32, tokens: int = 4096) -> None:
+    """x -> x @ W[i] for 32 layers of 4096 x 4096 in a lax.scan: ours reads W[i] in place, XLA's
+    dot reads a copy of the scan's slice (and copies again in the backward)."""
+    d = 4096
+    flops = 2.0 * tokens * d * d * layers
+    w_stack = random_stack(7, layers, d, d, BF16)
+    x = random_x(8, tokens, d, BF16)
+
+    def scan_fn(matmul):
+        def run(x, w_stack):
+            def body(hidden, layer):
+                return matmul(hidden, w_stack, layer), None
+
+            hidden, _ = jax.lax.scan(body, x, jnp.arange(layers, dtype=jnp.int32))
+            return hidden
+
+        return run
+
+    impls = {"ours": stacked_matmul_hopper, "xla_scan_slice": stacked_matmul_reference}
+    for part in ("fwd", "fwd_bwd"):
+        name = f"scan {layers} layers {d}x{d} tokens={tokens} {part}"
+        row: dict[str, Any] = {"case": name, "layers": layers, "tokens": tokens, "d": d, "part": part}
+
+        def body(row, part=part):
+            part_flops = flops * (2 if part == "fwd_bwd" else 1)
+            for impl, matmul in impls.items():
+                run = scan_fn(matmul)
+                if part == "fwd":
+                    fn = jax.jit(run)
+                else:
+                    def fwd_bwd(x, w_stack, run=run):
+                        out, vjp = jax.vjp(lambda x: run(x, w_stack), x)
+                        return out, vjp(out)[0]
+
+                    fn = jax.jit(fwd_bwd)
+                try:
+                    ms = time_ms(fn, x, w_stack, warmup=warmup, iters=iters)
+                    row[f"{impl}_ms"] = ms
+                    row[f"{impl}_ms_per_layer"] = ms / layers
+                    row[f"{impl}_tflops"] = part_flops / (ms * 1e-3) / 1e12
+                except Exception as exc:  # noqa: BLE001
+                    row[f"{impl}_error"] = short_error(exc)
+            if "ours_ms" in row and "xla_scan_slice_ms" in row:
+                row["ours_over_xla"] = row["ours_ms"] / row["xla_scan_slice_ms"]
+            row["status"] = "OK"
+
+        guarded(rows, row, deadline, body)
+
+
+def print_tables(checks: list, speeds: list) -> None:
+    print(f"\n{'correctness case':62} {'rel err':>9} {'vs layer 1':>10} status")
+    for row in checks:
+        rel = row.get("rel_err")
+        other = row.get("rel_err_vs_layer_1")
+        print(f"{row['case']:62} {format(rel, '9.2e') if rel is not None else '-':>9} "
+              f"{format(other, '10.2e') if other is not None else '-':>10} {row['status']} {row.get('error', '')[:100]}")
+    if not speeds:
+        return
+
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return format(value, fmt) if value is not None else "-"
+
+    print(f"\n{'speed case':50} {'ours ms':>8} {'TF/s':>5} {'static':>8} {'TF/s':>5} {'dynamic':>8} {'TF/s':>5} "
+          f"{'ours/st':>7} {'dyn/st':>7}")
+    for row in speeds:
+        if row["case"].startswith("scan"):
+            continue
+        print(f"{row['case']:50} {cell(row, 'ours_ms', '8.3f'):>8} {cell(row, 'ours_tflops', '5.0f'):>5} "
+              f"{cell(row, 'xla_static_slice_ms', '8.3f'):>8} {cell(row, 'xla_static_slice_tflops', '5.0f'):>5} "
+              f"{cell(row, 'xla_dynamic_slice_ms', '8.3f'):>8} {cell(row, 'xla_dynamic_slice_tflops', '5.0f'):>5} "
+              f"{cell(row, 'ours_over_static', '7.3f'):>7} {cell(row, 'dynamic_over_static', '7.3f'):>7} "
+              f"{row.get('error', '')[:80]}")
+    print(f"\n{'scan case':50} {'ours ms':>8} {'/layer':>7} {'TF/s':>5} {'xla ms':>8} {'/layer':>7} {'TF/s':>5} "
+          f"{'ours/xla':>8}")
+    for row in speeds:
+        if not row["case"].startswith("scan"):
+            continue
+        print(f"{row['case']:50} {cell(row, 'ours_ms', '8.2f'):>8} {cell(row, 'ours_ms_per_layer', '7.3f'):>7} "
+              f"{cell(row, 'ours_tflops', '5.0f'):>5} {cell(row, 'xla_scan_slice_ms', '8.2f'):>8} "
+              f"{cell(row, 'xla_scan_slice_ms_per_layer', '7.3f'):>7} {cell(row, 'xla_scan_slice_tflops', '5.0f'):>5} "
+              f"{cell(row, 'ours_over_xla', '8.3f'):>8} {row.get('error', '')[:80]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deadline", type=float, default=110.0, help="seconds after which remaining cases are skipped")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    deadline = time.perf_counter() + args.deadline
+
+    env: dict[str, Any] = {"jax": jax.__version__, "backend": jax.default_backend(),
+                           "device": jax.devices()[0].device_kind, "available": available(),
+                           "tiles_llama_4096x4096": str(choose_tiles(4096, 4096, 4096))}
+    RESULTS["env"] = env
+    print(json.dumps(env), flush=True)
+    write_json()
+    if not env["available"]:
+        print("no sm90 GPU here: stacked_matmul_hopper cannot run; nothing measured")
+        return
+
+    checks = correctness(deadline)
+    passed = sum(row["status"] == "PASS" for row in checks)
+    print(f"correctness: {passed}/{len(checks)} PASS", flush=True)
+    speeds: list[dict[str, Any]] = []
+    if not args.skip_speed:
+        RESULTS["speed"] = speeds
+        speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+        scan_rows(deadline, args.warmup, args.iters, speeds)
+        speed_rows(8192, deadline, args.warmup, args.iters, speeds)
+    print_tables(checks, speeds)
+    print(f"\ncorrectness: {passed}/{len(checks)} PASS; "
+          f"failed: {[row['case'] for row in checks if row['status'] == 'FAIL']}")
+    write_json()
+    if os.environ.get("OUT"):
+        print(f"wrote {Path(os.environ['OUT']) / 'stacked_matmul_hopper.json'}")
+
+
+if __name__ == "__main__":
+    main()
