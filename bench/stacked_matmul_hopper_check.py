@@ -8,7 +8,8 @@
     (jax.grad through x) against the same scan in float32.
 (b) Speed, Llama-3-8B shapes at 4096 and 8192 tokens, both orientations: ours; jnp.dot of a static
     slice w_stack[3] (cuBLAS on a slice XLA need not copy: the bar to meet); jnp.dot of a dynamic
-    slice w_stack[layer] with the layer a jit argument (what the scan pays: slice copy + cuBLAS).
+    slice w_stack[layer] with the layer a jit argument (what the scan pays: slice copy + cuBLAS);
+    for the 4096 x 4096 forward also cuBLAS and jax's example Mosaic GPU GEMM on a plain weight.
     Then a lax.scan over 32 layers of x -> x @ W[i] (4096 x 4096, 4096 tokens), forward and
     forward+backward (dx), ours against jnp.dot of the scan's slice, so the per-layer copy shows.
 
@@ -112,12 +113,12 @@ def guarded(rows: list, row: dict[str, Any], deadline: float, body) -> None:
 # --- (a) correctness ----------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ours(transpose_w: bool):
     return jax.jit(lambda x, w_stack, layer: stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _float32_reference(transpose_w: bool):
     def reference(x, w_stack, layer):
         weight = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False).astype(jnp.float32)
@@ -205,6 +206,30 @@ def _speed_impls(transpose_w: bool):
     return {"ours": jax.jit(ours), "xla_static_slice": jax.jit(static_slice), "xla_dynamic_slice": jax.jit(dynamic_slice)}
 
 
+def _plain_impls(w_stack):
+    """Controls on a plain [d_in, d_out] weight (no stack): cuBLAS, and jax's own Mosaic GPU
+    example GEMM with our tiles, so a gap to cuBLAS can be told apart from the Mosaic GPU GEMM's."""
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as example
+
+    weight = jnp.array(w_stack[3], copy=True)
+    tiles = choose_tiles(0, weight.shape[0], weight.shape[1])
+    config = example.TuningConfig(
+        tile_m=tiles.tile_m, tile_n=tiles.tile_n, tile_k=tiles.tile_k, max_concurrent_steps=tiles.stages,
+        epi_tile_m=tiles.epilogue_m, epi_tile_n=tiles.epilogue_n, grid_minor_dim=example.MatmulDimension.N,
+        grid_tile_width=tiles.grid_tile_width, wg_dimension=example.MatmulDimension.N,
+    )
+
+    def cublas_plain(x, w_stack, layer):
+        del w_stack, layer
+        return jnp.dot(x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def jax_example_plain(x, w_stack, layer):
+        del w_stack, layer
+        return example.matmul(x, weight, None, config)
+
+    return {"xla_plain_weight": jax.jit(cublas_plain), "jax_example_plain_weight": jax.jit(jax_example_plain)}
+
+
 def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list) -> None:
     for d_in, d_out in MODEL_SHAPES["llama3-8b"]:
         w_stack = random_stack(d_in + d_out, LAYERS, d_in, d_out, BF16)
@@ -214,10 +239,12 @@ def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list
                                    "transpose_w": transpose_w}
             flops = 2.0 * tokens * d_in * d_out
 
-            def body(row, w_stack=w_stack, transpose_w=transpose_w, d_in=d_in, d_out=d_out):
+            def body(row, w_stack=w_stack, transpose_w=transpose_w, d_in=d_in, d_out=d_out, flops=flops):
                 x = random_x(tokens, tokens, d_out if transpose_w else d_in, BF16)
                 layer = jnp.int32(3)
                 impls = _speed_impls(transpose_w)
+                if (d_in, d_out) == (4096, 4096) and not transpose_w:
+                    impls |= _plain_impls(w_stack)
                 row["rel_err_ours_vs_static"] = relative_norm(impls["ours"](x, w_stack, layer),
                                                               impls["xla_static_slice"](x, w_stack, layer))
                 for impl, fn in impls.items():
@@ -310,6 +337,10 @@ def print_tables(checks: list, speeds: list) -> None:
               f"{cell(row, 'xla_dynamic_slice_ms', '8.3f'):>8} {cell(row, 'xla_dynamic_slice_tflops', '5.0f'):>5} "
               f"{cell(row, 'ours_over_static', '7.3f'):>7} {cell(row, 'dynamic_over_static', '7.3f'):>7} "
               f"{row.get('error', '')[:80]}")
+    for row in speeds:
+        controls = {key: round(row[key], 3) for key in ("xla_plain_weight_ms", "jax_example_plain_weight_ms") if key in row}
+        if controls:
+            print(f"  controls on a plain weight, {row['case']}: {controls}")
     print(f"\n{'scan case':50} {'ours ms':>8} {'/layer':>7} {'TF/s':>5} {'xla ms':>8} {'/layer':>7} {'TF/s':>5} "
           f"{'ours/xla':>8}")
     for row in speeds:
