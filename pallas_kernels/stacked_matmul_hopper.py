@@ -296,8 +296,8 @@ def stacked_matmul_hopper(
     as frozen (its cotangent is a symbolic zero). Token counts that are not a multiple of 128 cost
     a padded copy of x; the weight is never padded (see choose_tiles for the shapes it takes)."""
     _check(x, w_stack, layer, transpose_w)
-    # Clamped as lax.dynamic_slice clamps (the reference's semantics): a TMA copy from an
-    # out-of-range layer would not fault, it would read past the stack.
+    # Clamped as lax.dynamic_slice clamps (the reference's semantics): nothing in the kernel
+    # checks the index, and what a TMA copy reads at an out-of-range layer is not to be relied on.
     layer = jnp.clip(jnp.reshape(jnp.asarray(layer, jnp.int32), ()), 0, w_stack.shape[0] - 1)
     return _stacked_matmul(x, w_stack, layer, transpose_w)
 
