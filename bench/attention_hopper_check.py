@@ -20,7 +20,6 @@ Writes $OUT/attention_hopper.json when OUT is set.
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import json
 import os
@@ -36,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import short_error, time_ms  # noqa: E402
+from bench.timing import gpu_check_args, short_error, time_ms  # noqa: E402
 from pallas_kernels.attention import attention_reference, flash_attention  # noqa: E402
 from pallas_kernels.attention_hopper import flash_attention_hopper, hopper_attention_available  # noqa: E402
 
@@ -246,13 +245,7 @@ def print_speed_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deadline", type=float, default=110.0, help="seconds after which remaining cases are skipped")
-    parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
-    deadline = time.perf_counter() + args.deadline
+    args, deadline = gpu_check_args(__doc__.splitlines()[0])
 
     env: dict[str, Any] = {"jax": jax.__version__, "backend": jax.default_backend(),
                            "device": jax.devices()[0].device_kind, "hopper_available": hopper_attention_available()}
@@ -264,6 +257,10 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         env["cuda_runtime"] = short_error(exc)
     print(json.dumps(env), flush=True)
+    if not env["hopper_available"]:
+        print("no sm90 GPU here: flash_attention_hopper cannot run; nothing measured")
+        write_json({"env": env})
+        return
 
     checks = correctness(deadline)
     passed = sum(row["status"] == "PASS" for row in checks)

@@ -21,7 +21,6 @@ Writes $OUT/stacked_matmul_hopper.json when OUT is set (rewritten after every ro
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import functools
 import json
@@ -38,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import short_error, time_ms  # noqa: E402
+from bench.timing import gpu_check_args, short_error, time_ms  # noqa: E402
 from pallas_kernels.stacked_matmul_hopper import (  # noqa: E402
     available,
     choose_tiles,
@@ -353,13 +352,7 @@ def print_tables(checks: list, speeds: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deadline", type=float, default=110.0, help="seconds after which remaining cases are skipped")
-    parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
-    deadline = time.perf_counter() + args.deadline
+    args, deadline = gpu_check_args(__doc__.splitlines()[0])
 
     env: dict[str, Any] = {"jax": jax.__version__, "backend": jax.default_backend(),
                            "device": jax.devices()[0].device_kind, "available": available(),

@@ -123,3 +123,18 @@ def compiled_memory_gib(compiled) -> dict[str, float] | None:
         return None
     return {name.removesuffix("_size_in_bytes"): round(getattr(analysis, name) / 2**30, 3)
             for name in dir(analysis) if name.endswith("_size_in_bytes")}
+
+
+def gpu_check_args(description: str, default_deadline: float = 110.0):
+    """(args, deadline): the options of a one-call GPU check script (correctness, then speed) and
+    the perf_counter time after which it skips what is left."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--deadline", type=float, default=default_deadline,
+                        help="seconds after which remaining cases are skipped")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    return args, time.perf_counter() + args.deadline

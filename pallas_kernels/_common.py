@@ -12,6 +12,22 @@ def use_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def is_sm90_gpu() -> bool:
+    """True when the default backend is an sm90 GPU (H100/H200/GH200), which the Mosaic GPU kernels
+    (wgmma, TMA) need; never raises: a missing or broken backend means "no"."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)
+        if capability is not None:
+            return str(capability).split(".")[0] == "9"
+        kind = device.device_kind.lower()
+        return any(name in kind for name in ("h100", "h200", "h800", "h20"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def next_power_of_2(n: int) -> int:
     """Triton needs every in-kernel array to have a power-of-2 size."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -538,6 +538,35 @@ def _visit_ranges(
     return jnp.stack([lo, mid, hi], axis=1).astype(jnp.int32)
 
 
+def pad_and_plan(qkv, segment_ids, *, static, head_dim_padded: int, q_multiple: int, k_multiple: int, tiles):
+    """What every flash kernel's wrapper does before its launch (this file's and attention_hopper's):
+    pad q, k, v along the sequence to the tile multiples (one length for both when segment ids label
+    queries and keys alike) and along head_dim to head_dim_padded; give padding tokens segment id 0;
+    and build one visit table per (row block, other block, rows_are_queries) of `tiles`.
+    Returns ((q, k, v), segment_ids, tables)."""
+    q, k, v = qkv
+    seq_q, seq_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    if segment_ids is not None:
+        q_multiple = k_multiple = max(q_multiple, k_multiple)
+    seq_q_padded = cdiv(seq_q, q_multiple) * q_multiple
+    seq_k_padded = cdiv(seq_k, k_multiple) * k_multiple
+
+    def pad(x, seq_padded):
+        widths = ((0, 0), (0, seq_padded - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
+        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
+
+    spans = None
+    if segment_ids is not None:
+        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq_q_padded - seq_q)))
+        spans = lax.stop_gradient(_segment_spans(segment_ids))
+    tables = tuple(
+        _visit_ranges((seq_q_padded if rows_are_queries else seq_k_padded) // block, block, other_block,
+                      rows_are_queries=rows_are_queries, static=static, spans=spans)
+        for block, other_block, rows_are_queries in tiles
+    )
+    return (pad(q, seq_q_padded), pad(k, seq_k_padded), pad(v, seq_k_padded)), segment_ids, tables
+
+
 def flash_attention(
     q: Float[Array, "batch seq_q heads_q head_dim"],
     k: Float[Array, "batch seq_k heads_kv head_dim"],
@@ -578,36 +607,9 @@ def flash_attention(
     )
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    if segment_ids is not None:
-        q_multiple = k_multiple = max(q_multiple, k_multiple)
-    seq_q_padded = cdiv(seq_q, q_multiple) * q_multiple
-    seq_k_padded = cdiv(seq_k, k_multiple) * k_multiple
-
-    def pad(x, seq_padded):
-        widths = ((0, 0), (0, seq_padded - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
-        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
-
-    spans = None
-    if segment_ids is not None:
-        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq_q_padded - seq_q)))
-        spans = lax.stop_gradient(_segment_spans(segment_ids))
-
-    def ranges(rows_padded, block, other_block, rows_are_queries):
-        return _visit_ranges(
-            rows_padded // block, block, other_block, rows_are_queries=rows_are_queries, static=static, spans=spans
-        )
-
-    fwd_ranges = ranges(seq_q_padded, blocks.block_q, blocks.block_k, True)
-    dkv_ranges = ranges(seq_k_padded, blocks.block_k_dkv, blocks.block_q_dkv, False)
-    dq_ranges = ranges(seq_q_padded, blocks.block_q_dq, blocks.block_k_dq, True)
-    out = _flash(
-        static,
-        pad(q, seq_q_padded),
-        pad(k, seq_k_padded),
-        pad(v, seq_k_padded),
-        segment_ids,
-        fwd_ranges,
-        dkv_ranges,
-        dq_ranges,
-    )
+    (q, k, v), segment_ids, (fwd_ranges, dkv_ranges, dq_ranges) = pad_and_plan(
+        (q, k, v), segment_ids, static=static, head_dim_padded=head_dim_padded, q_multiple=q_multiple,
+        k_multiple=k_multiple, tiles=((blocks.block_q, blocks.block_k, True), (blocks.block_k_dkv, blocks.block_q_dkv, False),
+                                      (blocks.block_q_dq, blocks.block_k_dq, True)))
+    out = _flash(static, q, k, v, segment_ids, fwd_ranges, dkv_ranges, dq_ranges)
     return out[:, :seq_q, :, :head_dim]

@@ -16,8 +16,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels._common import cdiv
-from pallas_kernels.attention import _EMPTY_ROW_LSE, _LOG2_E, _ROW_MAX_INIT, _segment_spans, _visit_ranges
+from pallas_kernels._common import is_sm90_gpu
+from pallas_kernels.attention import _EMPTY_ROW_LSE, _LOG2_E, _ROW_MAX_INIT, pad_and_plan
 
 # --- jax version shim (0.10.2 here, 0.11.2 on the GPU machine) ---------------------------------
 # 0.10 requires an index in plgpu.load(ref, (), layout=...); 0.11 made it optional (and documents
@@ -50,17 +50,7 @@ _RCP_LN2 = 1.0 / math.log(2.0)
 
 def hopper_attention_available() -> bool:
     """True when the default backend is an sm90 GPU (H100/H200/GH200); never raises."""
-    try:
-        if jax.default_backend() != "gpu":
-            return False
-        device = jax.devices()[0]
-        capability = getattr(device, "compute_capability", None)
-        if capability is not None:
-            return str(capability).split(".")[0] == "9"
-        kind = device.device_kind.lower()
-        return any(name in kind for name in ("h100", "h200", "h800", "h20"))
-    except Exception:  # a missing or broken backend means "not available", never an error
-        return False
+    return is_sm90_gpu()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -830,32 +820,10 @@ def flash_attention_hopper(
         has_segments=segment_ids is not None,
         blocks=blocks,
     )
-    q_multiple, k_multiple = blocks.q_multiple, blocks.kv_multiple
-    if segment_ids is not None:
-        # one padded length for both, as the same segment-id row labels queries and keys
-        q_multiple = k_multiple = max(q_multiple, k_multiple)
-    seq_q_padded = cdiv(seq_q, q_multiple) * q_multiple
-    seq_k_padded = cdiv(seq_k, k_multiple) * k_multiple
-
-    def pad(x, seq_padded):
-        widths = ((0, 0), (0, seq_padded - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
-        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
-
-    spans = None
-    if segment_ids is not None:
-        # padding rows get segment id 0: they attend nothing and nothing attends them
-        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq_q_padded - seq_q)))
-        spans = lax.stop_gradient(_segment_spans(segment_ids))
-
-    def table(rows_padded, block, other_block, rows_are_queries):
-        return _visit_ranges(
-            rows_padded // block, block, other_block, rows_are_queries=rows_are_queries, static=static, spans=spans
-        )
-
-    fwd_table = table(seq_q_padded, blocks.block_q, blocks.block_kv, True)
-    dkv_table = table(seq_k_padded, blocks.block_kv_dkv, blocks.block_q_dkv, False)
-    dq_table = table(seq_q_padded, blocks.block_q_dq, blocks.block_kv_dq, True)
-    out = _flash(
-        static, pad(q, seq_q_padded), pad(k, seq_k_padded), pad(v, seq_k_padded), segment_ids, fwd_table, dkv_table, dq_table
-    )
+    (q, k, v), segment_ids, (fwd_table, dkv_table, dq_table) = pad_and_plan(
+        (q, k, v), segment_ids, static=static, head_dim_padded=head_dim_padded, q_multiple=blocks.q_multiple,
+        k_multiple=blocks.kv_multiple, tiles=((blocks.block_q, blocks.block_kv, True),
+                                              (blocks.block_kv_dkv, blocks.block_q_dkv, False),
+                                              (blocks.block_q_dq, blocks.block_kv_dq, True)))
+    out = _flash(static, q, k, v, segment_ids, fwd_table, dkv_table, dq_table)
     return out[:, :seq_q, :, :head_dim]
