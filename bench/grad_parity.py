@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -142,8 +143,10 @@ def main(argv=None) -> int:
     lora = init_lora_params(config, lora_config, seed=1)
     key = jax.random.PRNGKey(2)
     # A nonzero B (as after a few steps), so that the gradients through A and the adapter's forward are exercised.
+    # crc32, not hash(): str hashes change from process to process, and the draw must not.
     lora = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.02 * jax.random.normal(jax.random.fold_in(key, hash(jax.tree_util.keystr(p)) % 2**31), x.shape)
+        lambda p, x: 0.02 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(p).encode()) % 2**31),
+                                              x.shape)
         if "lora_b" in jax.tree_util.keystr(p) else x, lora)
     micro = packed_batch(config.vocab_size, args.batch, args.seq, args.segments, 0.3, seed=3)
 

@@ -37,7 +37,6 @@ from fastft_jax.data import (
     Batch,
     BatchIterator,
     DataConfig,
-    TokenizedDataset,
     prepare_datasets,
 )
 from convert.hf import ModelConfig
