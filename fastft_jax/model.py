@@ -247,6 +247,16 @@ def _backward_after_its_cotangent(body):
     return lambda hidden, per_layer: (layer(hidden, per_layer), None)
 
 
+def _any_quantized(layers: dict) -> bool:
+    return any(is_quantized(leaf) for leaf in jax.tree.leaves(layers, is_leaf=is_quantized))
+
+
+def _without_kernels(layers: dict) -> dict:
+    """The stacked layer weights without the projections' kernels (norms, biases: what the scan slices)."""
+    return {name: ({key: value for key, value in weights.items() if key != "kernel"} if isinstance(weights, dict)
+                   else weights) for name, weights in layers.items()}
+
+
 @functools.cache
 def has_pinned_host() -> bool:
     try:
@@ -300,8 +310,21 @@ def decoder_hidden(
         run_layer = sharding.batch_local(run_layer, (True, False, False, True, True, False), rng_arg=5,
                                          sharded_specs=specs, gathered_name=LAYER_WEIGHTS)
 
+    layers = params["layers"]
+    kernel_stacks = None
+    if ops_config.layer_matmul != "slice" and not fsdp and not _any_quantized(layers):
+        # The projection kernels stay whole (closed over), and each layer reads its own in place:
+        # the scan slices only the norms and biases, and hands the layer its index.
+        kernel_stacks = {name: weights["kernel"] for name, weights in layers.items()
+                         if isinstance(weights, dict) and "kernel" in weights}
+        layers = (_without_kernels(layers), jnp.arange(config.num_layers, dtype=jnp.int32))
+
     def body(hidden, per_layer):
         layer, layer_lora, layer_rng = per_layer
+        if kernel_stacks is not None:
+            layer, index = layer
+            layer = {name: dict(weights, kernel=ops.StackedKernel(kernel_stacks[name], index))
+                     if name in kernel_stacks else weights for name, weights in layer.items()}
         return run_layer(hidden, layer, layer_lora, positions, segment_ids, layer_rng), None
 
     unroll = ops_config.scan_unroll(config.num_layers)
@@ -311,7 +334,7 @@ def decoder_hidden(
         body = jax.checkpoint(body, policy=_keep_all_but_gathered_weights, prevent_cse=False)
     if unroll > 1 and (gradient_checkpointing or fsdp) and ops_config.unrolled_backward == "tied":
         body = _backward_after_its_cotangent(body)
-    hidden, _ = jax.lax.scan(body, hidden, (params["layers"], layers_lora, layer_rngs), unroll=unroll)
+    hidden, _ = jax.lax.scan(body, hidden, (layers, layers_lora, layer_rngs), unroll=unroll)
     return ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, ops_config)
 
 

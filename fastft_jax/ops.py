@@ -74,6 +74,21 @@ def _default_mode() -> str:
 
 
 UNROLLED_BACKWARD_MODES = ("free", "tied")
+# How the layer scan feeds each layer's frozen 16-bit projection kernels to their matmuls. "slice":
+# the scan slices the layer out of the stacked [layers, d_in, d_out] array (XLA copies the slice
+# before cuBLAS reads it: ~11 % of a Llama-3-8B step on an H200); "hopper": the Mosaic GPU GEMM of
+# pallas_kernels/stacked_matmul_hopper.py reads the layer in place (sm90 only, opt-in until a GPU has
+# measured it); "reference": the same in-place plumbing with a dynamic slice and jnp.dot (tests).
+LAYER_MATMUL_MODES = ("slice", "hopper", "reference")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedKernel:
+    """One layer's frozen [d_in, d_out] kernel, left inside its [layers, d_in, d_out] stack."""
+
+    stack: Array
+    layer: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +128,7 @@ class OpsConfig:
     # barrier): 15,022 tok/s at 33.6 GiB, since it also stops one layer's backward overlapping the
     # next one's recomputation (bench/RESULTS.md, sixth session).
     unrolled_backward: str = "free"
+    layer_matmul: str = "slice"  # one of LAYER_MATMUL_MODES
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -143,6 +159,14 @@ class OpsConfig:
             if not hopper_attention_available():
                 raise ConfigError("kernels.attention=hopper needs an sm90 GPU (H100/H200), and this machine's "
                                   f"default backend is {jax.default_backend()!r}; use auto or pallas")
+        if self.layer_matmul not in LAYER_MATMUL_MODES:
+            raise ConfigError(f"kernels.layer_matmul={self.layer_matmul!r} is not one of {', '.join(LAYER_MATMUL_MODES)}")
+        if self.layer_matmul == "hopper":
+            from pallas_kernels.stacked_matmul_hopper import available
+
+            if not available():
+                raise ConfigError("kernels.layer_matmul=hopper needs an sm90 GPU (H100/H200), and this machine's "
+                                  f"default backend is {jax.default_backend()!r}; use slice (the default)")
         if self.unrolled_backward not in UNROLLED_BACKWARD_MODES:
             raise ConfigError(f"kernels.unrolled_backward={self.unrolled_backward!r} is not one of "
                               f"{', '.join(UNROLLED_BACKWARD_MODES)}")
@@ -214,11 +238,28 @@ def rope_qk(
     return rope(q), rope(k)
 
 
+def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsConfig) -> Float[Array, "... d_out"]:
+    """x @ kernel.stack[kernel.layer] without slicing the stack out first ("hopper"), or with it."""
+    d_in, d_out = kernel.stack.shape[1:]
+    x2d = x.reshape(-1, d_in)
+    if cfg.layer_matmul == "hopper":
+        from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
+
+        out = stacked_matmul_hopper(x2d, kernel.stack.astype(x.dtype), kernel.layer)
+    else:
+        weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False)
+        out = jnp.dot(x2d, weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return out.reshape(*x.shape[:-1], d_out)
+
+
 def linear(
-    x: Float[Array, "... d_in"], kernel: Float[Array, "d_in d_out"] | quant.QuantizedKernel, cfg: OpsConfig | None = None
+    x: Float[Array, "... d_in"], kernel: Float[Array, "d_in d_out"] | quant.QuantizedKernel | StackedKernel,
+    cfg: OpsConfig | None = None,
 ) -> Float[Array, "... d_out"]:
     if quant.is_quantized(kernel):
         return quantized_linear(x, kernel, cfg or OpsConfig.from_env())
+    if isinstance(kernel, StackedKernel):
+        return stacked_linear(x, kernel, cfg or OpsConfig.from_env())
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -236,6 +277,14 @@ def lora_linear(
     A quantized kernel (QLoRA) goes through quantized_lora_linear."""
     if quant.is_quantized(kernel):
         return quantized_lora_linear(x, kernel, lora_a, lora_b, scale, cfg, x_for_lora)
+    if isinstance(kernel, StackedKernel):
+        # The base product in place; the adapter's two thin matmuls by autodiff (they save x and
+        # x·A, as the kernel file's custom_vjp does).
+        base = stacked_linear(x, kernel, cfg).astype(jnp.float32)
+        x_lora = x if x_for_lora is None else x_for_lora
+        x_a = jnp.dot(x_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (base + scale * lora).astype(x.dtype)
     if x_for_lora is not None:
         base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         x_a = jnp.dot(x_for_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)

@@ -335,3 +335,73 @@ def test_kernel_path_equals_the_reference_on_packed_rows(checkpointing):
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads), strict=True):
         error = relative_error(np.asarray(got), np.asarray(want))
         assert error <= 1e-5, f"{jax.tree_util.keystr(path)}: relative error {error:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("checkpointing", ["selective", "unsloth"])
+def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing):
+    """kernels.layer_matmul changes where each layer's kernels are read from (the stack, in place,
+    instead of a slice the scan copies out), not what is computed: the loss and every LoRA gradient
+    equal the default path's (float32), with biases (qwen2), GQA, LoRA dropout and the MLP tiled."""
+    import dataclasses
+
+    from convert.hf import PROJECTIONS, ModelConfig
+    from fastft_jax import ops
+    from fastft_jax.lora import LoRAConfig, init_lora_params
+    from fastft_jax.model import decoder_hidden, random_params
+
+    config = ModelConfig("qwen2", 512, 128, 256, 3, 4, 2, 32, 1e-6, 1e6, None, True, True, False, 4096)
+    lora_config = LoRAConfig(r=8, alpha=16, dropout=0.1, target_modules=PROJECTIONS)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
+    lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
+    input_ids = jax.random.randint(jax.random.key(seed + 3), (2, 24), 0, config.vocab_size)
+    sliced = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), mlp_tile_tokens=16)
+
+    def loss_and_grads(ops_config):
+        def loss(lora):
+            hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
+                                    ops_config=ops_config, compute_dtype=jnp.float32,
+                                    gradient_checkpointing=checkpointing, dropout_rng=jax.random.key(seed + 4))
+            return jnp.mean(hidden**2)
+
+        return jax.jit(jax.value_and_grad(loss))(lora)
+
+    want_loss, want_grads = loss_and_grads(sliced)
+    got_loss, got_grads = loss_and_grads(dataclasses.replace(sliced, layer_matmul="reference"))
+    assert relative_error(np.asarray(got_loss), np.asarray(want_loss)) <= 1e-5
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+
+
+def test_in_place_layer_matmuls_lower_to_the_hopper_kernel():
+    """With kernels.layer_matmul="hopper" the training loss's gradient exports for CUDA with the
+    Mosaic GPU GEMM reading the stacked kernels, and no dynamic slice of a kernel stack left."""
+    import dataclasses
+    import re
+
+    from convert.errors import ConfigError
+    from convert.hf import PROJECTIONS, ModelConfig
+    from fastft_jax import ops
+    from fastft_jax.lora import LoRAConfig, init_lora_params
+    from fastft_jax.model import decoder_hidden, random_params
+
+    with pytest.raises(ConfigError, match="layer_matmul=hopper needs an sm90 GPU"):
+        ops.OpsConfig(layer_matmul="hopper").validated()
+    # Kernel dimensions the Hopper GEMM takes: d_in a multiple of 64, d_out of 128.
+    config = ModelConfig("llama", 512, 256, 512, 2, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
+    lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
+    params = jax.eval_shape(lambda: random_params(config, 0, jnp.bfloat16))
+    lora = jax.eval_shape(lambda: init_lora_params(config, lora_config, 0))
+    input_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+    ops_config = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), layer_matmul="hopper")
+
+    def loss(lora, params, input_ids):
+        hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
+                                ops_config=ops_config, compute_dtype=jnp.bfloat16, gradient_checkpointing="selective")
+        return jnp.mean(jnp.square(hidden.astype(jnp.float32)))
+
+    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(lora, params, input_ids)
+    text = exported.mlir_module()
+    assert "mosaic_gpu" in text
+    # every projection kernel stack is [layers, d_in, d_out] bf16; none of them is sliced
+    assert not re.search(r"stablehlo.dynamic_slice[^\n]*tensor<2x(256|512)x(128|256|512)xbf16>", text)
