@@ -277,17 +277,15 @@ def lora_linear(
     A quantized kernel (QLoRA) goes through quantized_lora_linear."""
     if quant.is_quantized(kernel):
         return quantized_lora_linear(x, kernel, lora_a, lora_b, scale, cfg, x_for_lora)
-    if isinstance(kernel, StackedKernel):
-        # The base product in place; the adapter's two thin matmuls by autodiff (they save x and
-        # x·A, as the kernel file's custom_vjp does).
-        base = stacked_linear(x, kernel, cfg).astype(jnp.float32)
+    if isinstance(kernel, StackedKernel) or x_for_lora is not None:
+        # LoRA dropout, or a kernel read in place from its stack: the base product alone, and the
+        # adapter's two thin matmuls by autodiff (which saves x and x·A, as the kernel's custom_vjp does).
+        if isinstance(kernel, StackedKernel):
+            base = stacked_linear(x, kernel, cfg).astype(jnp.float32)
+        else:
+            base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         x_lora = x if x_for_lora is None else x_for_lora
         x_a = jnp.dot(x_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-        lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (base + scale * lora).astype(x.dtype)
-    if x_for_lora is not None:
-        base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-        x_a = jnp.dot(x_for_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
         lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
         return (base + scale * lora).astype(x.dtype)
     mode = cfg.resolve("lora_linear")
