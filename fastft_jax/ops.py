@@ -242,10 +242,12 @@ def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsC
     """x @ kernel.stack[kernel.layer] without slicing the stack out first ("hopper"), or with it."""
     d_in, d_out = kernel.stack.shape[1:]
     x2d = x.reshape(-1, d_in)
-    if cfg.layer_matmul == "hopper":
+    # The GEMM takes one dtype; casting a stack of another would copy all of it, so such a stack
+    # (a float32 checkpoint under bf16 compute) takes the slice, cast one layer at a time.
+    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == x.dtype:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
-        out = stacked_matmul_hopper(x2d, kernel.stack.astype(x.dtype), kernel.layer)
+        out = stacked_matmul_hopper(x2d, kernel.stack, kernel.layer)
     else:
         weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False)
         out = jnp.dot(x2d, weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
