@@ -243,8 +243,11 @@ def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsC
     d_in, d_out = kernel.stack.shape[1:]
     x2d = x.reshape(-1, d_in)
     # The GEMM takes one dtype; casting a stack of another would copy all of it, so such a stack
-    # (a float32 checkpoint under bf16 compute) takes the slice, cast one layer at a time.
-    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == x.dtype:
+    # (a float32 checkpoint under bf16 compute) takes the slice, cast one layer at a time. Its tiles
+    # must divide the kernel in both orientations (the backward's dx runs it transposed): every
+    # Llama/Qwen size does; a kernel that does not also takes the slice.
+    fits = d_in % 128 == 0 and d_out % 128 == 0
+    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == x.dtype and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
         out = stacked_matmul_hopper(x2d, kernel.stack, kernel.layer)
