@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import relative_error, short_error, time_ms  # noqa: E402
+from bench.timing import record_timing, relative_error, short_error, time_ms  # noqa: E402
 
 from pallas_kernels import attention as attention_module  # noqa: E402
 from pallas_kernels.attention import BlockSizes, attention_reference, flash_attention  # noqa: E402
@@ -204,12 +204,7 @@ def bench_jax(name, maker, model, batch, seq, warmup, iters) -> dict[str, Any]:
             ("fwd", forward, (q, k, v), flops),
             ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops),
         ):
-            try:
-                ms = time_ms(fn, *args, warmup=warmup, iters=iters)
-                row[f"{pass_name}_ms"] = ms
-                row[f"{pass_name}_tflops"] = pass_flops / (ms * 1e-3) / 1e12
-            except Exception as exc:  # noqa: BLE001
-                row[f"{pass_name}_error"] = short_error(exc)
+            record_timing(row, pass_name, fn, args, pass_flops, warmup, iters)
         del q, k, v, d_out
     except Exception as exc:  # noqa: BLE001
         row["error"] = short_error(exc)

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import gpu_check_args, short_error, time_ms  # noqa: E402
+from bench.timing import gpu_check_args, record_timing, short_error  # noqa: E402
 from pallas_kernels.attention import attention_reference, flash_attention  # noqa: E402
 from pallas_kernels.attention_hopper import flash_attention_hopper, hopper_attention_available  # noqa: E402
 
@@ -215,12 +215,7 @@ def speed(deadline: float, warmup: int, iters: int) -> list[dict[str, Any]]:
                 forward, fwd_bwd = make_impl(impl, segment_ids)
                 for part, fn, args, part_flops in (("fwd", forward, (q, k, v), flops),
                                                    ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops)):
-                    try:
-                        ms = time_ms(fn, *args, warmup=warmup, iters=iters)
-                        row[f"{part}_ms"] = ms
-                        row[f"{part}_tflops"] = part_flops / (ms * 1e-3) / 1e12
-                    except Exception as exc:  # noqa: BLE001
-                        row[f"{part}_error"] = short_error(exc)
+                    record_timing(row, part, fn, args, part_flops, warmup, iters)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = short_error(exc)
             print(json.dumps(row), flush=True)

@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import gpu_check_args, short_error, time_ms  # noqa: E402
+from bench.timing import gpu_check_args, record_timing, short_error  # noqa: E402
 from pallas_kernels.stacked_matmul_hopper import (  # noqa: E402
     available,
     choose_tiles,
@@ -247,12 +247,7 @@ def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list
                 row["rel_err_ours_vs_static"] = relative_norm(impls["ours"](x, w_stack, layer),
                                                               impls["xla_static_slice"](x, w_stack, layer))
                 for impl, fn in impls.items():
-                    try:
-                        ms = time_ms(fn, x, w_stack, layer, warmup=warmup, iters=iters)
-                        row[f"{impl}_ms"] = ms
-                        row[f"{impl}_tflops"] = flops / (ms * 1e-3) / 1e12
-                    except Exception as exc:  # noqa: BLE001
-                        row[f"{impl}_error"] = short_error(exc)
+                    record_timing(row, impl, fn, (x, w_stack, layer), flops, warmup, iters)
                 if "ours_ms" in row and "xla_static_slice_ms" in row:
                     row["ours_over_static"] = row["ours_ms"] / row["xla_static_slice_ms"]
                 if "xla_dynamic_slice_ms" in row and "xla_static_slice_ms" in row:
@@ -298,13 +293,9 @@ def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int 
                         return out, vjp(out)[0]
 
                     fn = jax.jit(fwd_bwd)
-                try:
-                    ms = time_ms(fn, x, w_stack, warmup=warmup, iters=iters)
-                    row[f"{impl}_ms"] = ms
+                ms = record_timing(row, impl, fn, (x, w_stack), part_flops, warmup, iters)
+                if ms is not None:
                     row[f"{impl}_ms_per_layer"] = ms / layers
-                    row[f"{impl}_tflops"] = part_flops / (ms * 1e-3) / 1e12
-                except Exception as exc:  # noqa: BLE001
-                    row[f"{impl}_error"] = short_error(exc)
             if "ours_ms" in row and "xla_scan_slice_ms" in row:
                 row["ours_over_xla"] = row["ours_ms"] / row["xla_scan_slice_ms"]
             row["status"] = "OK"

@@ -138,3 +138,16 @@ def gpu_check_args(description: str, default_deadline: float = 110.0):
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     return args, time.perf_counter() + args.deadline
+
+
+def record_timing(row: dict, key: str, fn, args: tuple, flops: float, warmup: int, iters: int) -> float | None:
+    """Times fn(*args) into row: {key}_ms and {key}_tflops, or {key}_error if it fails (one failing
+    configuration must not stop a table). Returns the ms, or None."""
+    try:
+        ms = time_ms(fn, *args, warmup=warmup, iters=iters)
+    except Exception as exc:  # noqa: BLE001
+        row[f"{key}_error"] = short_error(exc)
+        return None
+    row[f"{key}_ms"] = ms
+    row[f"{key}_tflops"] = flops / (ms * 1e-3) / 1e12
+    return ms
