@@ -10,6 +10,7 @@
 #   attention-sweep(150) anchors(200) dequant(120) dequant-sweep(300) qlora-layer(120) decode(200)
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
+#   loss-bisect(540: bench/loss_parity.py --bisect, 10 steps, one op swapped a run)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   each layer's backward tied to its cotangent, one e2e run each)
 #   grad-parity(330: bench/grad_parity.py, op by op) attention-tests(200: tests/test_attention.py one
@@ -55,7 +56,7 @@ limit_of() {
     tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 240 ;; matmul) echo 240 ;;
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
-    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; long-qlora) echo 540 ;;
+    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; long-qlora) echo 540 ;;
     long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
@@ -105,6 +106,9 @@ for part in $parts; do
     unsloth4) OUT="$dir" timeout $limit bash "$PEERS"/peer_bench.sh --model llama3-8b --batch 2 --seq 2048 \
       --steps 5 --warmup 2 --modes unsloth4 > "$log" 2>&1 ;;
     loss-parity) timeout $limit python3 bench/loss_parity.py --deadline $(( limit - 20 )) --out "$dir" \
+      > "$log" 2>&1 ;;
+    loss-bisect)  # which op's bf16 rounding moves the kernel path's curve from float32's (one op swapped a run)
+      timeout $limit python3 bench/loss_parity.py --bisect --steps 10 --deadline $(( limit - 20 )) --out "$dir" \
       > "$log" 2>&1 ;;
     long-qlora) timeout $limit python3 bench/long_context.py --configs qlora --deadline $(( limit - 20 )) \
       --out "$dir" > "$log" 2>&1 ;;

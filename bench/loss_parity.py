@@ -80,6 +80,12 @@ RUNS = {  # name: (kernel path?, compute dtype)
 LORA_RANK, LORA_ALPHA, SEED = 16, 16.0, 3407
 EXACT_BOUND = 1e-4  # float32 kernel path vs float32 reference, relative, any step
 NOISE_FACTOR = 1.5  # mean |auto - float32| <= NOISE_FACTOR x mean |reference - float32|
+# --bisect: the ops the bf16 kernel path takes from a kernel on a GPU (ops.GPU_AUTO_CHOICE; attention
+# on packed rows is the flash kernel). Each gets two more bf16 runs: the kernel path with that op alone
+# back on its reference ("auto-<op>"), and the reference path with that op alone on its kernel
+# ("reference+<op>"), so the op whose rounding moves the curve away from float32 is named.
+BISECT_OPS = {"rms_norm": "pallas", "rope": "pallas", "lora_linear": "xla", "cross_entropy": "pallas",
+              "attention": "pallas"}
 
 
 # ==================================================================================================
@@ -193,8 +199,9 @@ def child(args, spec: dict, label: str, env_kernels: str | None, log: Log, timeo
 def gap(runs: dict, name: str, against: str) -> dict | None:
     """Per-step |name - against| of two finished runs' losses, with its summaries."""
     losses, reference = runs.get(name, {}).get("losses"), runs.get(against, {}).get("losses")
-    if not losses or not reference or len(losses) != len(reference):
+    if not losses or not reference:
         return None
+    # zip: the float32 kernel path runs --exact-steps, the first steps of the others' curve.
     diffs = [abs(a - b) for a, b in zip(losses, reference)]
     relative = [d / max(abs(r), 1e-12) for d, r in zip(diffs, reference)]
     worst = max(range(len(diffs)), key=diffs.__getitem__)
@@ -213,7 +220,24 @@ def compare(runs: dict) -> dict:
         "noise": None if auto32 is None or ref32 is None else bool(auto32["mean_abs"] <= NOISE_FACTOR * ref32["mean_abs"]),
     }
     verdict["pass"] = verdict["exact"] is True and verdict["noise"] is True
-    return dict(gaps, verdict=verdict)
+    bisect = {name: gap(runs, name, "float32") for name in runs if name == "auto-again" or name.startswith(("auto-", "reference+"))
+              and name != "auto-float32"}
+    return dict(gaps, verdict=verdict, bisect={name: g for name, g in bisect.items() if g})
+
+
+def bisect_lines(summary: dict) -> list[str]:
+    """One line per bisection run: its mean distance from float32 beside the two paths'."""
+    comparison = summary.get("comparison") or {}
+    rows = comparison.get("bisect") or {}
+    if not rows:
+        return []
+    lines = ["| run | FASTFT_KERNELS | mean abs vs float32 | max abs vs float32 (step) |", "|---|---|---:|---:|"]
+    named = [("auto", comparison.get("auto_vs_float32")), ("reference", comparison.get("reference_vs_float32"))]
+    for name, g in named + sorted(rows.items()):
+        if g:
+            kernels = summary["runs"].get(name, {}).get("kernels_env") or "(unset)"
+            lines.append(f"| {name} | `{kernels}` | {g['mean_abs']:.4g} | {g['max_abs']:.4g} ({g['max_abs_step']}) |")
+    return lines
 
 
 def verdict_line(summary: dict) -> str:
@@ -275,6 +299,9 @@ def markdown(summary: dict) -> str:
     ]
     if failures:
         lines += ["Failed runs: " + "; ".join(failures), ""]
+    if bisect_lines(summary):
+        lines += ["Bisection (bf16 runs, distance of each curve from the float32 reference's):", "",
+                  *bisect_lines(summary), ""]
     for step_block in (table(summary),):
         lines += ["<details><summary>per-step losses</summary>", "", step_block, "", "</details>", ""]
     return "\n".join(lines)
@@ -341,6 +368,8 @@ def environment(argv: list[str]) -> dict:
 def report(summary: dict, args, log: Log) -> None:
     text = markdown(summary)
     log("\n" + table(summary))
+    if bisect_lines(summary):
+        log("\n" + "\n".join(bisect_lines(summary)))
     log("\n" + verdict_line(summary))
     if args.results_md:
         append_results_md(args.results_md, text, log)
@@ -360,7 +389,7 @@ def main(argv=None) -> int:
     log_path.unlink(missing_ok=True)
     log = Log(log_path)
     started = time.time()
-    summary = {"args": {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "lr", "smoke")},
+    summary = {"args": {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "exact_steps", "lr", "smoke", "bisect")},
                "environment": environment(sys.argv[1:]), "runs": {}}
 
     ckpt_dir = Path(args.ckpt_root) / ("tiny-qwen2" if args.smoke else args.model)
@@ -373,19 +402,28 @@ def main(argv=None) -> int:
             return 1
         summary["checkpoint_s"] = built["wall_s"]
     kernel_env = args.kernels if args.kernels is not None else ("pallas" if args.smoke else None)
-    for name, (kernel_path, dtype) in RUNS.items():
-        kernels = kernel_env if kernel_path else "reference"
+    plan = [(name, kernel_env if kernel_path else "reference", dtype) for name, (kernel_path, dtype) in RUNS.items()]
+    if args.bisect:
+        # The float32 kernel path is the exactness check, not the bisection's; a second auto run
+        # measures how far two runs of one path part (nondeterministic reductions), the bisection's floor.
+        plan = [run for run in plan if run[0] != "auto-float32"] + [("auto-again", kernel_env, "bfloat16")]
+        base = kernel_env or "auto"
+        plan += [(f"auto-{op}", f"{base},{op}=reference", "bfloat16") for op in BISECT_OPS]
+        plan += [(f"reference+{op}", f"reference,{op}={mode}", "bfloat16") for op, mode in BISECT_OPS.items()]
+    for name, kernels, dtype in plan:
         left = args.deadline - (time.time() - started)
         if left < 30:
             summary["runs"][name] = {"run": name, "ok": False, "error": f"skipped: --deadline {args.deadline:.0f} s reached"}
             continue
         run_dir = Path(args.work_dir) / name
         shutil.rmtree(run_dir, ignore_errors=True)
+        steps = min(args.steps, args.exact_steps) if name == "auto-float32" else args.steps
         spec = {"kind": "train", "run": name, "ckpt_dir": str(ckpt_dir), "run_dir": str(run_dir), "seq": args.seq,
-                "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": SEED, "dtype": dtype}
-        log(f"== run {name}: FASTFT_KERNELS={kernels or '(unset)'}, {dtype} "
+                "batch": args.batch, "steps": steps, "lr": args.lr, "seed": SEED, "dtype": dtype}
+        log(f"== run {name}: FASTFT_KERNELS={kernels or '(unset)'}, {dtype}, {steps} steps "
             f"({left:.0f} s left)")
         result = child(args, spec, name, kernels, log, left)
+        result["kernels_env"] = kernels
         summary["runs"][name] = result
         log(f"== {name}: " + (f"{result['train_s']} s training, loss {result['losses'][0]:.4f} -> "
                               f"{result['losses'][-1]:.4f}" if result.get("ok") else f"FAILED {result.get('error')}"))
@@ -416,6 +454,11 @@ def parse_args(argv=None):
     parser.add_argument("--from-json", default=None, help="report a finished run's loss_parity.json instead of running")
     parser.add_argument("--kernels", default=None, help="FASTFT_KERNELS of the kernel-path runs (default: unset, "
                         "i.e. auto; with --smoke: pallas)")
+    parser.add_argument("--exact-steps", type=int, default=25,
+                        help="steps of the float32 kernel path (its 1e-4 bound holds from the first step or not at all; "
+                             "a GPU runs its float32 kernels without tensor cores, ~3.6 s a step)")
+    parser.add_argument("--bisect", action="store_true",
+                        help="instead of the float32 kernel path, bf16 runs that swap one op at a time (BISECT_OPS)")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny qwen2, 512 tokens")
     parser.add_argument("--_child", dest="child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -2,7 +2,8 @@
 Pallas kernels and the pure-jnp references is made.
 
 The choice is static (part of the jit key): an OpsConfig names an implementation per op, and
-FASTFT_KERNELS=reference|pallas|auto in the environment sets the default for all of them. "auto"
+FASTFT_KERNELS=reference|pallas|auto in the environment sets the default for all of them (and
+"op=MODE" items, comma-separated, for one op: "auto,lora_linear=reference"). "auto"
 takes the path bench/RESULTS.md measured fastest on the GPU at hand, and the reference on the CPU,
 where Pallas only runs in its (slow) interpreter.
 """
@@ -66,11 +67,31 @@ _KERNELS = {
 }
 
 
-def _default_mode() -> str:
-    mode = os.environ.get("FASTFT_KERNELS", "auto").strip().lower()
-    if mode not in MODES:
-        raise ConfigError(f"FASTFT_KERNELS={mode!r} is not one of {', '.join(MODES)}")
-    return mode
+def _env_modes() -> dict[str, str]:
+    """FASTFT_KERNELS as a mode per op: "MODE" for every op, and "op=MODE" items, comma-separated, for
+    one op each ("auto,lora_linear=reference": the auto choice except the LoRA matmuls), so that any
+    one kernel can be swapped out of a run without editing its YAML."""
+    raw = os.environ.get("FASTFT_KERNELS", "auto")
+    modes: dict[str, str] = {}
+    base = "auto"
+    for item in (part.strip().lower() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, mode = item.partition("=")
+        if not sep:
+            name, mode = "", name
+        name, mode = name.strip(), mode.strip()
+        if name and name not in OP_NAMES:
+            raise ConfigError(f"FASTFT_KERNELS={raw!r}: {name!r} is not an op; ops are {', '.join(OP_NAMES)}")
+        allowed = {"attention": ATTENTION_MODES, "lora_linear": LORA_LINEAR_MODES}.get(name, MODES)
+        if mode not in allowed:
+            raise ConfigError(f"FASTFT_KERNELS={raw!r}: {mode!r} is not one of {', '.join(allowed)}"
+                              + (f" (for {name})" if name else "; use MODE or op=MODE items, comma-separated"))
+        if name:
+            modes[name] = mode
+        else:
+            base = mode
+    return {name: modes.get(name, base) for name in OP_NAMES}
 
 
 UNROLLED_BACKWARD_MODES = ("free", "tied")
@@ -132,8 +153,7 @@ class OpsConfig:
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
-        base = _default_mode()
-        values = {name: base for name in OP_NAMES}
+        values = _env_modes()
         values.update(overrides)
         return cls(**values).validated()
 

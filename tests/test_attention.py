@@ -70,7 +70,20 @@ def test_matches_reference(batch, seq_q, seq_k, heads_q, heads_kv, head_dim, dty
     want = value_and_grads(lambda q, k, v: attention_reference(q, k, v, causal=causal), q, k, v, d_out)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
-    assert_close(got, want, dtype)
+    if seq_k > 1:
+        assert_close(got, want, dtype)
+        return
+    # One key: the softmax is the constant 1, so dq = scale * p * (d_out.v - delta) * k is zero in
+    # exact arithmetic, and both sides hold only the rounding of d_out.v - delta (an H200 gave 4.7e23
+    # "relative" error against the reference's ~1e-30). Its yardstick is the size of the terms that
+    # cancel: |dq| <= tolerance * scale * max|d_out.v| * max|k|.
+    assert_close(got[:1] + got[2:], want[:1] + want[2:], dtype, names=("out", "dk", "dv"))
+    d_out_dot_v = np.einsum("bqhd,bkhd->bhqk", np.asarray(d_out, np.float32),
+                            np.repeat(np.asarray(v, np.float32), heads_q // heads_kv, axis=2))
+    cancelled = float(np.max(np.abs(d_out_dot_v)) * np.max(np.abs(np.asarray(k, np.float32)))) / np.sqrt(head_dim)
+    for name, dq in (("dq", got[1]), ("reference dq", want[1])):
+        worst = float(np.max(np.abs(np.asarray(dq, np.float32))))
+        assert worst <= TOLERANCE[dtype] * cancelled, f"{name}: {worst:.2e} > {TOLERANCE[dtype]:.0e} x {cancelled:.2e}"
 
 
 def test_long_odd_sequence():
