@@ -11,6 +11,7 @@
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   loss-bisect(540: bench/loss_parity.py --bisect, 10 steps, one op swapped a run)
+#   lora-ab(535: llama3-8b / qwen2.5-1.5b steps with kernels.lora_linear xla, xla_rounded_base, pallas)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   each layer's backward tied to its cotangent, one e2e run each)
 #   grad-parity(330: bench/grad_parity.py, op by op) attention-tests(200: tests/test_attention.py one
@@ -56,7 +57,7 @@ limit_of() {
     tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 240 ;; matmul) echo 240 ;;
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
-    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; long-qlora) echo 540 ;;
+    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; long-qlora) echo 540 ;;
     long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
@@ -177,6 +178,18 @@ for part in $parts; do
     grad-parity)  # which op's gradient parts "auto" from the reference (loss-parity failed at step 3)?
       OUT="$dir" timeout $limit python3 bench/grad_parity.py --model qwen2.5-1.5b --layers 4 --dtype float32,bfloat16 \
         --checkpointing unsloth --runs auto,singles > "$log" 2>&1 ;;
+    lora-ab)  # the LoRA GEMM's rounding: base + adapter rounded once ("xla", the default since the
+      # seventh session), PEFT's rounded base ("xla_rounded_base", the default before), the Pallas epilogue
+      for variant in xla xla_rounded_base pallas; do
+        echo "== llama3-8b lora_linear=$variant" >> "$log"
+        timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
+          --warmup 1 --deadline 110 --config-timeout 105 --ops lora_linear=$variant --out "$dir/llama-$variant" >> "$log" 2>&1
+      done
+      for variant in xla xla_rounded_base; do
+        echo "== qwen2.5-1.5b lora_linear=$variant" >> "$log"
+        timeout 88 python3 bench/e2e.py --model qwen2.5-1.5b --checkpointing selective --extra "" --steps 6 \
+          --warmup 1 --deadline 82 --config-timeout 78 --ops lora_linear=$variant --out "$dir/qwen-$variant" >> "$log" 2>&1
+      done ;;
     unroll-ab)  # the layer scan against every layer unrolled, free (XLA overlaps the layers) and tied
       for variant in scan unrolled unrolled-tied; do
         ops=""

@@ -37,7 +37,7 @@ MODES = ("auto", "reference", "pallas")
 ATTENTION_MODES = MODES + ("cudnn", "xla", "hopper")
 # lora_linear's "xla": the kernel file's custom_vjp (cheapest matmul order, nothing but x and x·A
 # saved) with cuBLAS matmuls instead of the Pallas forward.
-LORA_LINEAR_MODES = MODES + ("xla",)
+LORA_LINEAR_MODES = MODES + ("xla", "xla_rounded_base")
 
 # What "auto" takes on a GPU, from bench/RESULTS.md (H200, jax 0.11.2, 2026-11-28): a Pallas kernel
 # only where it beat XLA's fusion of the reference in forward+backward.
@@ -314,7 +314,7 @@ def lora_linear(
         lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
         return (base + scale * lora).astype(x.dtype)
     mode = cfg.resolve("lora_linear")
-    if mode in ("pallas", "xla"):
+    if mode in lora_linear_kernels.IMPLS:
         return _kernel("lora_linear")(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), float(scale), impl=mode)
     return lora_linear_kernels.lora_linear_reference(x, kernel, lora_a, lora_b, scale)
 

@@ -139,21 +139,22 @@ def _fused_matmul(lhs, rhs, low_lhs, low_rhs, scale: float, *, rhs_transposed: b
 
 def base_plus_low_rank(
     lhs: Float[Array, "m k"], rhs: Float[Array, "k n"], low_lhs: Float[Array, "m r"], low_rhs: Float[Array, "r n"],
-    scale: float,
+    scale: float, *, round_base: bool = False,
 ) -> Float[Array, "m n"]:
     """lhs @ rhs + scale * low_lhs @ low_rhs in lhs.dtype, as cuBLAS calls (impl="xla").
 
-    In float32 both products are float32 and summed once. In 16-bit the big product is written
-    directly in 16-bit (cuBLAS still accumulates in float32) and the rank-r term, rounded to 16-bit,
-    is its addend, which XLA folds into the GEMM epilogue (C with beta = 1): the [m, n] output then
-    crosses memory once, in 16-bit. Two float32 [m, n] products added and rounded by a separate pass
-    moved three times those bytes, and held two float32 [m, n] buffers at the step's peak. This is
-    also PEFT's rounding: base_layer(x) in 16-bit plus the adapter's 16-bit output."""
+    Both products are float32 and their sum is rounded once, as lora_linear_reference rounds. In
+    16-bit that matters: a young adapter's term is far below half a bf16 ulp of the base product, and
+    adding it to an already rounded base (round_base=True, PEFT's and Unsloth's order: base_layer(x)
+    in 16-bit plus the adapter's 16-bit output) returns the base unchanged, so the forward does not
+    see the update at all. On an H200 that rounding alone took a qwen2.5-1.5b run's loss 0.16 above
+    the float32 run's by step 5 and kept it ~0.007 above, where the bf16 reference stays within
+    0.002 (bench/loss_parity.py --bisect, 2026-11-28)."""
     dtype = lhs.dtype
     low = scale * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)
-    if dtype == jnp.float32:
-        return jnp.dot(lhs, rhs, preferred_element_type=jnp.float32) + low
-    return jnp.dot(lhs, rhs, preferred_element_type=dtype) + low.astype(dtype)
+    if round_base and dtype != jnp.float32:
+        return jnp.dot(lhs, rhs, preferred_element_type=dtype) + low.astype(dtype)
+    return (jnp.dot(lhs, rhs, preferred_element_type=jnp.float32) + low).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def _forward(x2d, w, a, b, scale: float, impl: str, blocks: MatmulBlocks | None)
     if impl == "pallas":
         out = _fused_matmul(x2d, w, x_a, b.astype(x2d.dtype), scale, rhs_transposed=False, blocks=blocks)
     else:
-        out = base_plus_low_rank(x2d, w.astype(x2d.dtype), x_a, b.astype(x2d.dtype), scale)
+        out = base_plus_low_rank(x2d, w.astype(x2d.dtype), x_a, b.astype(x2d.dtype), scale,
+                                 round_base=impl == "xla_rounded_base")
     return out, x_a
 
 
@@ -206,13 +208,15 @@ def _lora_linear_2d_bwd(scale, impl, blocks, saved, g):
     if impl == "pallas":
         dx = _fused_matmul(g, w, d_x_a, a_t, 1.0, rhs_transposed=True, blocks=blocks)
     else:
-        dx = base_plus_low_rank(g, w.astype(dtype).T, d_x_a, a_t, 1.0)
+        dx = base_plus_low_rank(g, w.astype(dtype).T, d_x_a, a_t, 1.0, round_base=impl == "xla_rounded_base")
     return dx, None, da.astype(a.dtype), db.astype(b.dtype)
 
 
 _lora_linear_2d.defvjp(_lora_linear_2d_fwd, _lora_linear_2d_bwd)
 
-IMPLS = ("pallas", "xla")
+# "xla_rounded_base": the "xla" formulas with the base product rounded to 16-bit before the
+# adapter's term is added (PEFT's rounding; see base_plus_low_rank for what it costs in accuracy).
+IMPLS = ("pallas", "xla", "xla_rounded_base")
 
 
 def lora_linear(
@@ -228,7 +232,8 @@ def lora_linear(
     """lora_linear_reference with a hand-written backward; w is frozen (its gradient is zero).
 
     impl="pallas" runs the base matmul as a Pallas-Triton kernel with the adapter fused into its
-    epilogue (forward, and dx in the backward); impl="xla" runs the same formulas as jnp.dot calls.
+    epilogue (forward, and dx in the backward); impl="xla" runs the same formulas as jnp.dot calls;
+    "xla_rounded_base" rounds the base product before adding the adapter's (PEFT's order, less exact).
     Matmuls accumulate in float32; x may be float32, bfloat16 or float16. scale is a Python float.
     """
     if impl not in IMPLS:
