@@ -129,10 +129,14 @@ def run_training(spec: dict, result: dict) -> None:
     data_config = DataConfig.from_dict(data_section, where=f"{DATA_YAML}: data")
     args = TrainingArguments(
         output_dir=spec["run_dir"], overwrite_output_dir=True, per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=5,
+        gradient_accumulation_steps=1, max_steps=spec.get("schedule_steps", spec["steps"]), learning_rate=spec["lr"], warmup_steps=5,
         lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
         seed=spec["seed"], bf16=spec["dtype"] == "bfloat16", plot_loss=False)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, args=args, data_config=data_config)
+    # A shorter run (the float32 kernel path's --exact-steps) stops early on the full run's learning-rate
+    # schedule: with max_steps of its own its linear decay differs from the 8th step on (an H200 run
+    # that did so matched float32 to 1.5e-7 through step 7, then parted by the schedule alone).
+    trainer.total_steps = spec["steps"]
     result["ops_resolved"] = model.ops_config.describe(packed_rows=True)
     result["data"] = str(trainer.train_data.stats)
     start = time.perf_counter()
@@ -419,7 +423,8 @@ def main(argv=None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         steps = min(args.steps, args.exact_steps) if name == "auto-float32" else args.steps
         spec = {"kind": "train", "run": name, "ckpt_dir": str(ckpt_dir), "run_dir": str(run_dir), "seq": args.seq,
-                "batch": args.batch, "steps": steps, "lr": args.lr, "seed": SEED, "dtype": dtype}
+                "batch": args.batch, "steps": steps, "schedule_steps": args.steps, "lr": args.lr, "seed": SEED,
+                "dtype": dtype}
         log(f"== run {name}: FASTFT_KERNELS={kernels or '(unset)'}, {dtype}, {steps} steps "
             f"({left:.0f} s left)")
         result = child(args, spec, name, kernels, log, left)
