@@ -36,7 +36,8 @@ MODES = ("auto", "reference", "pallas")
 # H100/H200 has checked and timed it (bench/attention_hopper_check.py).
 ATTENTION_MODES = MODES + ("cudnn", "xla", "hopper")
 # lora_linear's "xla": the kernel file's custom_vjp (cheapest matmul order, nothing but x and x·A
-# saved) with cuBLAS matmuls instead of the Pallas forward.
+# saved) with cuBLAS matmuls instead of the Pallas forward; "xla_rounded_base": the same with the base
+# product rounded to 16-bit before the adapter's term is added (PEFT's order; faster, less exact).
 LORA_LINEAR_MODES = MODES + ("xla", "xla_rounded_base")
 
 # What "auto" takes on a GPU, from bench/RESULTS.md (H200, jax 0.11.2, 2026-11-28): a Pallas kernel
@@ -45,7 +46,11 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     "rms_norm": "pallas",  # fwd+bwd 0.86x (llama3-8b) / 0.93x (qwen2.5-7b) of XLA's time
     "rope": "pallas",  # 0.84x / 0.98x
     "swiglu": "reference",  # whole llama3-8b step on an H100: 12,580 tok/s with XLA's fusion, 12,222 with the kernel
-    "lora_linear": "xla",  # the kernel file's custom_vjp on cuBLAS: 0.69x the autodiffed reference, Pallas 0.79x
+    # The kernel file's custom_vjp on cuBLAS, base + adapter rounded once as the reference does:
+    # llama3-8b "selective" step 13,941 tok/s against 13,284 with the Pallas epilogue (H200, seventh
+    # session). "xla_rounded_base" (PEFT's order, 14,564) drops a young adapter's sub-ulp term and
+    # failed loss parity 20x, so it is opt-in only.
+    "lora_linear": "xla",
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
     "dequant": "pallas",  # NF4 -> 16-bit: 1.5x-2x XLA's fusion of the reference (bench/qlora.py, H200)
