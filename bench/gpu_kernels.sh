@@ -11,6 +11,7 @@
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   loss-bisect(540: bench/loss_parity.py --bisect, 10 steps, one op swapped a run)
+#   stacked-gemm-speed(200: stacked-gemm-check's speed rows alone)
 #   lora-ab(535: llama3-8b / qwen2.5-1.5b steps with kernels.lora_linear xla, xla_rounded_base, pallas)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
 #   each layer's backward tied to its cotangent, one e2e run each)
@@ -58,7 +59,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -161,6 +162,9 @@ for part in $parts; do
         --out "$dir" > "$log" 2>&1 ;;
     stacked-gemm-check)  # the Mosaic GPU GEMM that reads one layer of a stacked weight in place (the scan's slice copies)
       OUT="$dir" timeout $limit python3 bench/stacked_matmul_hopper_check.py --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
+    stacked-gemm-speed)  # the same GEMM's speed rows alone (its correctness compiles filled stacked-gemm-check)
+      OUT="$dir" timeout $limit python3 bench/stacked_matmul_hopper_check.py --skip-correctness \
+        --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
     e2e-stacked)  # llama3-8b "selective" with each layer's kernels read in place by the Hopper GEMM, against the slices
       for variant in slice hopper; do
         echo "== $variant" >> "$log"

@@ -16,6 +16,8 @@
 Run from the repository root on the GPU machine: python bench/stacked_matmul_hopper_check.py
   --deadline S   skip the cases left after S seconds (default 110)
   --skip-speed   correctness only
+  --skip-correctness   speed only (24 of 25 cases passed on an H200, seventh session; their compiles
+                 took the whole 230 s part, so its speed rows never ran)
 Writes $OUT/stacked_matmul_hopper.json when OUT is set (rewritten after every row).
 """
 
@@ -355,7 +357,7 @@ def main() -> None:
         print("no sm90 GPU here: stacked_matmul_hopper cannot run; nothing measured")
         return
 
-    checks = correctness(deadline)
+    checks = [] if args.skip_correctness else correctness(deadline)
     passed = sum(row["status"] == "PASS" for row in checks)
     print(f"correctness: {passed}/{len(checks)} PASS", flush=True)
     speeds: list[dict[str, Any]] = []

@@ -134,6 +134,8 @@ def gpu_check_args(description: str, default_deadline: float = 110.0):
     parser.add_argument("--deadline", type=float, default=default_deadline,
                         help="seconds after which remaining cases are skipped")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-correctness", action="store_true",
+                        help="speed only (for a kernel whose correctness cases already passed on this card)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
