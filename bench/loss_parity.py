@@ -85,7 +85,7 @@ NOISE_FACTOR = 1.5  # mean |auto - float32| <= NOISE_FACTOR x mean |reference - 
 # back on its reference ("auto-<op>"), and the reference path with that op alone on its kernel
 # ("reference+<op>"), so the op whose rounding moves the curve away from float32 is named.
 BISECT_OPS = {"rms_norm": "pallas", "rope": "pallas", "lora_linear": "xla", "cross_entropy": "pallas",
-              "attention": "pallas"}
+              "attention": "pallas", "dequant": "pallas"}
 
 
 # ==================================================================================================
@@ -120,7 +120,8 @@ def run_training(spec: dict, result: dict) -> None:
     ops_config = ops.OpsConfig.from_env()
     start = time.perf_counter()
     model, tokenizer = FastLanguageModel.from_pretrained(spec["ckpt_dir"], max_seq_length=spec["seq"],
-                                                         dtype=spec["dtype"], kernels=ops_config)
+                                                         dtype=spec["dtype"], kernels=ops_config,
+                                                         load_in_4bit=spec.get("load_in_4bit", False))
     model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                              use_gradient_checkpointing="unsloth", random_state=spec["seed"])
     result["load_s"] = round(time.perf_counter() - start, 1)
@@ -293,7 +294,8 @@ def markdown(summary: dict) -> str:
         f"jax {auto.get('jax_version') or env.get('jax', '?')}; commit {env.get('commit') or '?'}; "
         f"`python3 bench/loss_parity.py {' '.join(env.get('argv', []))}`",
         "",
-        f"{args['model']} shape, random bf16 weights (convert.tiny), LoRA r={LORA_RANK} on all 7 projections, "
+        f"{args['model']} shape, random bf16 weights (convert.tiny)"
+        f"{', quantized to NF4 on load (QLoRA)' if args.get('load_in_4bit') else ''}, LoRA r={LORA_RANK} on all 7 projections, "
         f"{args['steps']} steps of {args['batch']} x {args['seq']} packed tokens of examples/data/reasoning.jsonl "
         f"(quickstart template), lr {args['lr']}, seed {SEED}. Kernel path: {kernels or '?'}. The float32 runs "
         f"compute in float32 from the same bf16 weights; verdicts in the module docstring.",
@@ -330,7 +332,8 @@ def plot(summary: dict, path: Path) -> str | None:
         if losses:
             top.plot(range(1, len(losses) + 1), losses, label=name, **style)
     top.set_ylabel("training loss")
-    top.set_title(f"{summary['args']['model']}: kernel path (auto) vs reference, {summary['args']['batch']} x "
+    top.set_title(f"{summary['args']['model']}{' NF4' if summary['args'].get('load_in_4bit') else ''}: kernel path (auto) "
+                  f"vs reference, {summary['args']['batch']} x "
                   f"{summary['args']['seq']} packed")
     top.grid(alpha=0.3)
     top.legend()
@@ -393,7 +396,8 @@ def main(argv=None) -> int:
     log_path.unlink(missing_ok=True)
     log = Log(log_path)
     started = time.time()
-    summary = {"args": {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "exact_steps", "lr", "smoke", "bisect")},
+    summary = {"args": {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "exact_steps", "lr", "smoke", "bisect",
+                                                              "load_in_4bit")},
                "environment": environment(sys.argv[1:]), "runs": {}}
 
     ckpt_dir = Path(args.ckpt_root) / ("tiny-qwen2" if args.smoke else args.model)
@@ -424,7 +428,7 @@ def main(argv=None) -> int:
         steps = min(args.steps, args.exact_steps) if name == "auto-float32" else args.steps
         spec = {"kind": "train", "run": name, "ckpt_dir": str(ckpt_dir), "run_dir": str(run_dir), "seq": args.seq,
                 "batch": args.batch, "steps": steps, "schedule_steps": args.steps, "lr": args.lr, "seed": SEED,
-                "dtype": dtype}
+                "dtype": dtype, "load_in_4bit": args.load_in_4bit}
         log(f"== run {name}: FASTFT_KERNELS={kernels or '(unset)'}, {dtype}, {steps} steps "
             f"({left:.0f} s left)")
         result = child(args, spec, name, kernels, log, left)
@@ -462,6 +466,9 @@ def parse_args(argv=None):
     parser.add_argument("--exact-steps", type=int, default=25,
                         help="steps of the float32 kernel path (its 1e-4 bound holds from the first step or not at all; "
                              "a GPU runs its float32 kernels without tensor cores, ~3.6 s a step)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: every run quantizes the same checkpoint to NF4 (the float32 runs compute in "
+                             "float32 from the same 4-bit codes), so only the kernels and the compute dtype differ")
     parser.add_argument("--bisect", action="store_true",
                         help="instead of the float32 kernel path, bf16 runs that swap one op at a time (BISECT_OPS)")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny qwen2, 512 tokens")
