@@ -220,9 +220,31 @@ class OpsConfig:
         """The implementation each op runs; for attention under "auto", what padded and packed rows get."""
         chosen = {op: self.resolve(op) for op in OP_NAMES}
         if chosen["attention"] == "auto":
-            chosen["attention"] = {True: "pallas (packed rows)", False: "cudnn (no segment ids)"}.get(
-                packed_rows, "cudnn without segment ids, pallas flash with them")
+            packed = _auto_attention(True)
+            chosen["attention"] = {True: f"{packed} (packed rows)", False: "cudnn (no segment ids)"}.get(
+                packed_rows, f"cudnn without segment ids, {packed} flash with them")
         return chosen
+
+
+# Packed rows in 16-bit on an sm90 GPU: the Mosaic GPU kernel (pallas_kernels/attention_hopper.py)
+# instead of the Triton one. On an H200 (bench/attention_hopper_check.py, seventh session) it passed
+# 20/20 correctness cases and ran llama3-8b 8k rows of 8 packed sequences at 1.20x the Triton kernel's
+# fwd+bwd (272 against 227 TF/s). False until a whole training step has run on it (part e2e-hopper).
+HOPPER_ATTENTION_IN_AUTO = False
+_HOPPER_ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _auto_attention(packed_rows: bool, dtype: Any = jnp.bfloat16) -> str:
+    """attention="auto" on a GPU: cuDNN without segment ids (its public API cannot mask them), and a
+    flash kernel with them: the Mosaic GPU one where HOPPER_ATTENTION_IN_AUTO allows it, else Triton."""
+    if not packed_rows:
+        return "cudnn"
+    if HOPPER_ATTENTION_IN_AUTO and jnp.dtype(dtype) in _HOPPER_ATTENTION_DTYPES:
+        from pallas_kernels._common import is_sm90_gpu
+
+        if is_sm90_gpu():
+            return "hopper"
+    return "pallas"
 
 
 def _kernel(op: str):
@@ -263,10 +285,16 @@ def rope_qk(
     return rope(q), rope(k)
 
 
-def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsConfig) -> Float[Array, "... d_out"]:
-    """x @ kernel.stack[kernel.layer] without slicing the stack out first ("hopper"), or with it."""
+def stacked_linear(
+    x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsConfig,
+    addend: Float[Array, "... d_out"] | None = None,
+) -> Float[Array, "... d_out"]:
+    """x @ kernel.stack[kernel.layer] (+ addend, before the one rounding to x.dtype) without slicing the
+    stack out first ("hopper"), or with it. The addend is how a LoRA layer adds its adapter's term to
+    the float32 product instead of to an already rounded one (see lora_linear)."""
     d_in, d_out = kernel.stack.shape[1:]
     x2d = x.reshape(-1, d_in)
+    addend2d = None if addend is None else addend.reshape(-1, d_out)
     # The GEMM takes one dtype; casting a stack of another would copy all of it, so such a stack
     # (a float32 checkpoint under bf16 compute) takes the slice, cast one layer at a time. Its tiles
     # must divide the kernel in both orientations (the backward's dx runs it transposed): every
@@ -275,10 +303,14 @@ def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsC
     if cfg.layer_matmul == "hopper" and kernel.stack.dtype == x.dtype and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
-        out = stacked_matmul_hopper(x2d, kernel.stack, kernel.layer)
+        addend_16bit = None if addend2d is None else addend2d.astype(x.dtype)
+        out = stacked_matmul_hopper(x2d, kernel.stack, kernel.layer, addend=addend_16bit)
     else:
         weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False)
-        out = jnp.dot(x2d, weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        out = jnp.dot(x2d, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+        if addend2d is not None:
+            out = out + addend2d.astype(jnp.float32)
+        out = out.astype(x.dtype)
     return out.reshape(*x.shape[:-1], d_out)
 
 
@@ -310,14 +342,16 @@ def lora_linear(
     if isinstance(kernel, StackedKernel) or x_for_lora is not None:
         # LoRA dropout, or a kernel read in place from its stack: the base product alone, and the
         # adapter's two thin matmuls by autodiff (which saves x and x·A, as the kernel's custom_vjp does).
-        if isinstance(kernel, StackedKernel):
-            base = stacked_linear(x, kernel, cfg).astype(jnp.float32)
-        else:
-            base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         x_lora = x if x_for_lora is None else x_for_lora
         x_a = jnp.dot(x_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-        lora = jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (base + scale * lora).astype(x.dtype)
+        lora = scale * jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
+        if isinstance(kernel, StackedKernel):
+            # The adapter's term joins the float32 product inside the GEMM (its epilogue on the
+            # Hopper path, in 16-bit there: a 2^-9 relative rounding of a small term), and the sum
+            # is rounded once, as the reference rounds.
+            return stacked_linear(x, kernel, cfg, addend=lora)
+        base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (base + lora).astype(x.dtype)
     mode = cfg.resolve("lora_linear")
     if mode in lora_linear_kernels.IMPLS:
         return _kernel("lora_linear")(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), float(scale), impl=mode)
@@ -531,7 +565,7 @@ def attention(
 ) -> Float[Array, "batch seq heads_q head_dim"]:
     mode = cfg.resolve("attention")
     if mode == "auto":
-        mode = "pallas" if segment_ids is not None else "cudnn"
+        mode = _auto_attention(segment_ids is not None, q.dtype)
     if mode == "cudnn" and segment_ids is not None:
         raise ConfigError("kernels.attention=cudnn cannot mask packed rows (segment ids); use auto or pallas")
     if mode == "pallas":
