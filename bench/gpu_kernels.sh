@@ -11,6 +11,8 @@
 #   qlora-step(130)
 #   e2e-llama(260) e2e-qwen(200) unsloth4(110) loss-parity(480) long-qlora(540) long-bf16(330)
 #   loss-bisect(540: bench/loss_parity.py --bisect, 10 steps, one op swapped a run)
+#   lora-ab-flags(250: llama3-8b exact LoRA rounding, XLA flags off / --xla_gpu_triton_gemm_any=true)
+#   loss-parity-qlora(540: loss-parity on NF4 weights) loss-parity-hopper(480: with attention=hopper)
 #   stacked-gemm-speed(200: stacked-gemm-check's speed rows alone)
 #   lora-ab(535: llama3-8b / qwen2.5-1.5b steps with kernels.lora_linear xla, xla_rounded_base, pallas)
 #   unroll-ab(360: llama3-8b "selective" with the layer scan, every layer unrolled, and unrolled with
@@ -58,7 +60,7 @@ limit_of() {
     tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 240 ;; matmul) echo 240 ;;
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
-    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; long-qlora) echo 540 ;;
+    e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; lora-ab-flags) echo 250 ;; loss-parity-qlora) echo 540 ;; loss-parity-hopper) echo 480 ;; long-qlora) echo 540 ;;
     long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
@@ -194,6 +196,18 @@ for part in $parts; do
         timeout 88 python3 bench/e2e.py --model qwen2.5-1.5b --checkpointing selective --extra "" --steps 6 \
           --warmup 1 --deadline 82 --config-timeout 78 --ops lora_linear=$variant --out "$dir/qwen-$variant" >> "$log" 2>&1
       done ;;
+    lora-ab-flags)  # the exact LoRA rounding with XLA free to put the add+convert in a Triton GEMM's epilogue
+      for flags in "" "--xla_gpu_triton_gemm_any=true"; do
+        echo "== llama3-8b lora_linear=xla xla-flags='$flags'" >> "$log"
+        timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
+          --warmup 1 --deadline 110 --config-timeout 105 --xla-flags="$flags" --out "$dir/llama${flags:+-triton-any}" >> "$log" 2>&1
+      done ;;
+    loss-parity-qlora)  # the same verdicts with every run on NF4 weights (QLoRA)
+      timeout $limit python3 bench/loss_parity.py --load-in-4bit --deadline $(( limit - 20 )) --out "$dir" \
+        > "$log" 2>&1 ;;
+    loss-parity-hopper)  # the kernel path with the Mosaic GPU attention on its packed rows
+      timeout $limit python3 bench/loss_parity.py --kernels auto,attention=hopper --deadline $(( limit - 20 )) \
+        --out "$dir" > "$log" 2>&1 ;;
     unroll-ab)  # the layer scan against every layer unrolled, free (XLA overlaps the layers) and tied
       for variant in scan unrolled unrolled-tied; do
         ops=""
