@@ -5,11 +5,18 @@
     ||got - ref|| / ||ref|| (tolerance 1e-2, bf16 and fp16), for every projection shape of
     Llama-3-8B, Qwen2.5-7B and Qwen2.5-1.5B, both orientations (x @ W and x @ W^T), with token
     counts that are and are not a multiple of the 128-row tile; then dx of a 4-layer lax.scan
-    (jax.grad through x) against the same scan in float32.
+    (jax.grad through x) against the same scan in float32. First of all (new, so a deadline leaves
+    them in), x @ W + addend (the LoRA layer's one rounding) against float32 x @ W + addend for
+    Llama-3-8B shapes, both orientations, 4096 and 1000 tokens; the 4096 x 4096 rows also add a
+    tiny constant addend (below half a bf16 ulp of most outputs) and report how much of it the
+    output keeps on average: about 1 when rounded once, far less when x @ W is rounded first.
 (b) Speed, Llama-3-8B shapes at 4096 and 8192 tokens, both orientations: ours; jnp.dot of a static
     slice w_stack[3] (cuBLAS on a slice XLA need not copy: the bar to meet); jnp.dot of a dynamic
     slice w_stack[layer] with the layer a jit argument (what the scan pays: slice copy + cuBLAS);
     for the 4096 x 4096 forward also cuBLAS and jax's example Mosaic GPU GEMM on a plain weight.
+    Right after the 4096-token rows: x @ W + addend for the four Llama-3-8B shapes at 4096 tokens,
+    ours (the addend in the epilogue) against XLA's jnp.dot of the static slice in float32 + addend,
+    then cast, and against ours without an addend (the epilogue's cost).
     Then a lax.scan over 32 layers of x -> x @ W[i] (4096 x 4096, 4096 tokens), forward and
     forward+backward (dx), ours against jnp.dot of the scan's slice, so the per-layer copy shows.
 
@@ -60,6 +67,15 @@ MODEL_SHAPES = {
 # tokens per model in the correctness pass: the real batch (4096), and counts off the 128-row tile
 CORRECTNESS_TOKENS = {"llama3-8b": (4096, BF16), "qwen2.5-7b": (1000, BF16), "qwen2.5-1.5b": (77, FP16)}
 LAYERS = 4  # stack depth of the correctness and speed cases; the layer read is 2 or 3, not 0
+# x @ W + addend: (d_in, d_out) of q/o and down (the widest contraction), and the token counts
+ADDEND_SHAPES = [(4096, 4096), (14336, 4096)]
+ADDEND_TOKENS = (4096, 1000)
+# A constant tiny addend, 2**-10: an eighth of a bf16 ulp for outputs in [1, 2), below half an ulp
+# of every output of size 1/2 or more (most of them: x @ W is O(1)); what a young LoRA adapter's
+# term looks like. Rounded once, the outputs keep it in expectation (mean kept fraction ~1); with
+# x @ W rounded first only the smaller outputs keep it (~0.3 on a CPU sample).
+TINY_ADDEND = 2.0**-10
+TINY_KEPT_TOLERANCE = 0.05  # |mean kept fraction - 1|, far from the ~0.3 of rounding x @ W first
 
 RESULTS: dict[str, Any] = {}
 
@@ -120,6 +136,12 @@ def _ours(transpose_w: bool):
 
 
 @functools.cache
+def _ours_addend(transpose_w: bool):
+    return jax.jit(lambda x, w_stack, layer, addend: stacked_matmul_hopper(
+        x, w_stack, layer, transpose_w=transpose_w, addend=addend))
+
+
+@functools.cache
 def _float32_reference(transpose_w: bool):
     def reference(x, w_stack, layer):
         weight = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False).astype(jnp.float32)
@@ -129,9 +151,72 @@ def _float32_reference(transpose_w: bool):
     return jax.jit(reference)
 
 
+@functools.cache
+def _float32_reference_addend(transpose_w: bool):
+    return jax.jit(lambda x, w_stack, layer, addend: _float32_reference(transpose_w)(x, w_stack, layer)
+                   + addend.astype(jnp.float32))
+
+
+@functools.cache
+def _xla_addend(transpose_w: bool):
+    """XLA's one rounding: stacked_matmul_reference with the addend (the control for the tiny
+    addend's kept fraction)."""
+    return jax.jit(lambda x, w_stack, layer, addend: stacked_matmul_reference(
+        x, w_stack, layer, transpose_w, addend=addend))
+
+
+def kept_fraction(with_addend, without_addend, addend_value: float) -> float:
+    """mean(y + a rounded - y rounded) / a for a constant a: the share of the addend the output
+    keeps on average (over outputs spread across many ulps, rounding once keeps all of it in
+    expectation)."""
+    delta = np.asarray(jnp.asarray(with_addend, jnp.float32) - jnp.asarray(without_addend, jnp.float32), np.float64)
+    return float(np.mean(delta) / addend_value)
+
+
+def addend_correctness(rows: list, deadline: float) -> None:
+    seed = 500
+    for d_in, d_out in ADDEND_SHAPES:
+        for tokens in ADDEND_TOKENS:
+            for transpose_w in (False, True):
+                seed += 1
+                name = f"addend llama3-8b {d_in}x{d_out}{' T' if transpose_w else ''} tokens={tokens} bfloat16"
+                row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out,
+                                       "transpose_w": transpose_w, "dtype": "bfloat16", "addend": True}
+
+                def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, seed=seed, tokens=tokens):
+                    w_stack = random_stack(seed, LAYERS, d_in, d_out, BF16)
+                    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+                    x = random_x(seed + 1000, tokens, d_x, BF16)
+                    addend = random_x(seed + 2000, tokens, d_y, BF16)  # O(1), as x @ W
+                    layer = jnp.int32(2)
+                    got = _ours_addend(transpose_w)(x, w_stack, layer, addend)
+                    reference = _float32_reference_addend(transpose_w)
+                    row["rel_err"] = relative_norm(got, reference(x, w_stack, layer, addend))
+                    row["rel_err_vs_layer_1"] = relative_norm(got, reference(x, w_stack, 1, addend))
+                    row["rel_err_vs_no_addend"] = relative_norm(got, _float32_reference(transpose_w)(x, w_stack, layer))
+                    passed = row["rel_err"] <= TOLERANCE
+                    if (d_in, d_out, tokens) == (4096, 4096, 4096):
+                        tiny = jnp.full((tokens, d_y), TINY_ADDEND, BF16)
+                        without = _ours(transpose_w)(x, w_stack, layer)
+                        row["tiny_addend_kept"] = kept_fraction(_ours_addend(transpose_w)(x, w_stack, layer, tiny),
+                                                                without, TINY_ADDEND)
+                        row["tiny_addend_kept_xla"] = kept_fraction(_xla_addend(transpose_w)(x, w_stack, layer, tiny),
+                                                                    stacked_matmul_reference(x, w_stack, layer,
+                                                                                             transpose_w),
+                                                                    TINY_ADDEND)
+                        passed = passed and abs(row["tiny_addend_kept"] - 1) <= TINY_KEPT_TOLERANCE
+                    row["status"] = "PASS" if passed else "FAIL"
+
+                guarded(rows, row, deadline, body)
+                kept = f", tiny addend kept {row['tiny_addend_kept']:.3f}" if "tiny_addend_kept" in row else ""
+                print(f"{row['status']:5} {name}: {row.get('error') or format(row.get('rel_err', float('nan')), '.2e')}"
+                      f"{kept}", flush=True)
+
+
 def correctness(deadline: float) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     RESULTS["correctness"] = rows
+    addend_correctness(rows, deadline)
     seed = 0
     for model, shapes in MODEL_SHAPES.items():
         tokens, dtype = CORRECTNESS_TOKENS[model]
@@ -260,6 +345,39 @@ def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list
         del w_stack
 
 
+def addend_speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list) -> None:
+    """x @ W + addend, rounded once, x @ W orientation (the LoRA forward; its dx has no addend)."""
+    for d_in, d_out in MODEL_SHAPES["llama3-8b"]:
+        name = f"speed+addend llama3-8b {d_in}x{d_out} tokens={tokens}"
+        row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out, "addend": True}
+        flops = 2.0 * tokens * d_in * d_out
+
+        def body(row, d_in=d_in, d_out=d_out, flops=flops):
+            w_stack = random_stack(d_in + d_out, LAYERS, d_in, d_out, BF16)
+            x = random_x(tokens, tokens, d_in, BF16)
+            addend = random_x(tokens + 1, tokens, d_out, BF16)
+            layer = jnp.int32(3)
+
+            def xla_static_slice_addend(x, w_stack, layer, addend):
+                del layer
+                product = jnp.dot(x, w_stack[3], preferred_element_type=jnp.float32)
+                return (product + addend.astype(jnp.float32)).astype(x.dtype)
+
+            xla = jax.jit(xla_static_slice_addend)
+            row["rel_err_ours_vs_xla"] = relative_norm(_ours_addend(False)(x, w_stack, layer, addend),
+                                                       xla(x, w_stack, layer, addend))
+            record_timing(row, "ours_addend", _ours_addend(False), (x, w_stack, layer, addend), flops, warmup, iters)
+            record_timing(row, "xla_static_slice_addend", xla, (x, w_stack, layer, addend), flops, warmup, iters)
+            record_timing(row, "ours_no_addend", _ours(False), (x, w_stack, layer), flops, warmup, iters)
+            if "ours_addend_ms" in row and "xla_static_slice_addend_ms" in row:
+                row["ours_over_xla"] = row["ours_addend_ms"] / row["xla_static_slice_addend_ms"]
+            if "ours_addend_ms" in row and "ours_no_addend_ms" in row:
+                row["addend_over_no_addend"] = row["ours_addend_ms"] / row["ours_no_addend_ms"]
+            row["status"] = "OK"
+
+        guarded(rows, row, deadline, body)
+
+
 def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int = 32, tokens: int = 4096) -> None:
     """x -> x @ W[i] for 32 layers of 4096 x 4096 in a lax.scan: ours reads W[i] in place, XLA's
     dot reads a copy of the scan's slice (and copies again in the backward)."""
@@ -306,12 +424,16 @@ def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int 
 
 
 def print_tables(checks: list, speeds: list) -> None:
-    print(f"\n{'correctness case':62} {'rel err':>9} {'vs layer 1':>10} status")
+    print(f"\n{'correctness case':66} {'rel err':>9} {'vs layer 1':>10} status")
     for row in checks:
         rel = row.get("rel_err")
         other = row.get("rel_err_vs_layer_1")
-        print(f"{row['case']:62} {format(rel, '9.2e') if rel is not None else '-':>9} "
+        print(f"{row['case']:66} {format(rel, '9.2e') if rel is not None else '-':>9} "
               f"{format(other, '10.2e') if other is not None else '-':>10} {row['status']} {row.get('error', '')[:100]}")
+    for row in checks:
+        if "tiny_addend_kept" in row:
+            print(f"  tiny addend {TINY_ADDEND:g} kept on average, {row['case']}: ours {row['tiny_addend_kept']:.3f}, "
+                  f"XLA rounding once {row.get('tiny_addend_kept_xla', float('nan')):.3f}")
     if not speeds:
         return
 
@@ -322,7 +444,7 @@ def print_tables(checks: list, speeds: list) -> None:
     print(f"\n{'speed case':50} {'ours ms':>8} {'TF/s':>5} {'static':>8} {'TF/s':>5} {'dynamic':>8} {'TF/s':>5} "
           f"{'ours/st':>7} {'dyn/st':>7}")
     for row in speeds:
-        if row["case"].startswith("scan"):
+        if row["case"].startswith(("scan", "speed+addend")):
             continue
         print(f"{row['case']:50} {cell(row, 'ours_ms', '8.3f'):>8} {cell(row, 'ours_tflops', '5.0f'):>5} "
               f"{cell(row, 'xla_static_slice_ms', '8.3f'):>8} {cell(row, 'xla_static_slice_tflops', '5.0f'):>5} "
@@ -333,6 +455,16 @@ def print_tables(checks: list, speeds: list) -> None:
         controls = {key: round(row[key], 3) for key in ("xla_plain_weight_ms", "jax_example_plain_weight_ms") if key in row}
         if controls:
             print(f"  controls on a plain weight, {row['case']}: {controls}")
+    print(f"\n{'x @ W + addend, rounded once':50} {'ours ms':>8} {'TF/s':>5} {'xla ms':>8} {'TF/s':>5} "
+          f"{'ours/xla':>8} {'no-add ms':>9} {'add/no-add':>10}")
+    for row in speeds:
+        if not row["case"].startswith("speed+addend"):
+            continue
+        print(f"{row['case']:50} {cell(row, 'ours_addend_ms', '8.3f'):>8} {cell(row, 'ours_addend_tflops', '5.0f'):>5} "
+              f"{cell(row, 'xla_static_slice_addend_ms', '8.3f'):>8} "
+              f"{cell(row, 'xla_static_slice_addend_tflops', '5.0f'):>5} {cell(row, 'ours_over_xla', '8.3f'):>8} "
+              f"{cell(row, 'ours_no_addend_ms', '9.3f'):>9} {cell(row, 'addend_over_no_addend', '10.3f'):>10} "
+              f"{row.get('error', '')[:80]}")
     print(f"\n{'scan case':50} {'ours ms':>8} {'/layer':>7} {'TF/s':>5} {'xla ms':>8} {'/layer':>7} {'TF/s':>5} "
           f"{'ours/xla':>8}")
     for row in speeds:
@@ -364,6 +496,7 @@ def main() -> None:
     if not args.skip_speed:
         RESULTS["speed"] = speeds
         speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+        addend_speed_rows(4096, deadline, args.warmup, args.iters, speeds)
         scan_rows(deadline, args.warmup, args.iters, speeds)
         speed_rows(8192, deadline, args.warmup, args.iters, speeds)
     print_tables(checks, speeds)

@@ -11,6 +11,10 @@ per SM walks the output tiles; per CTA a producer warpgroup streams K-steps of t
 weight tile through a ring of swizzled smem slots with TMA, two consumer warpgroups each wgmma one
 half of the output tile into f32 registers, and the epilogue writes it back through smem with TMA.
 transpose_w=True reads the same [d_in, d_out] weight tiles and hands wgmma a transposed smem view.
+
+An optional addend ([tokens, d_y], x.dtype) is added to the float32 accumulator in the epilogue, so
+x @ W + addend is rounded to 16 bits once: a LoRA layer passes its adapter's term here, which
+rounding x @ W first and adding it after would drop while it is below half a bf16 ulp of x @ W.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ _COMPUTE_WGS = 2  # consumer warpgroups per CTA; a third one (the producer) issu
 _SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one sm90 CTA may use
 _SM90_SMS = 132  # H100 / H200 SXM; used when tracing without a GPU (an export from a CPU)
 _SWIZZLE_BYTES = 128
+_MBARRIER_BYTES = 8
 _SWIZZLE_ELEMS = _SWIZZLE_BYTES // 2  # 16-bit elements in one 128-byte swizzle row
 _TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
 
@@ -59,10 +64,14 @@ class HopperMatmulTiles:
     def cta_tile_n(self) -> int:
         return _COMPUTE_WGS * self.tile_n
 
-    def smem_bytes(self, itemsize: int) -> int:
+    def smem_bytes(self, itemsize: int, addend: bool = False) -> int:
+        """Shared memory of one CTA. An addend's pieces are loaded into the output's own epilogue
+        slots (the sum is written back over them), so an addend adds only one mbarrier per slot,
+        which its TMA loads complete on."""
         ring = self.stages * (self.tile_m * self.tile_k + self.tile_k * self.cta_tile_n) * itemsize
         epilogue = _COMPUTE_WGS * self.out_slots * self.epilogue_m * self.epilogue_n * itemsize
-        return ring + epilogue
+        addend_barriers = _COMPUTE_WGS * self.out_slots * _MBARRIER_BYTES if addend else 0
+        return ring + epilogue + addend_barriers
 
     @property
     def out_slots(self) -> int:
@@ -84,7 +93,8 @@ def choose_tiles(tokens: int, d_k: int, d_n: int) -> HopperMatmulTiles:
     stages = 4: 4 x (16 KiB x tile + 32 KiB weight tile) + 32 KiB of epilogue buffers = 224 KiB
     of the 227 KiB; a 5th slot would not fit, and 4 slots of 64-deep K cover the TMA latency.
     Epilogue 64 x 64: each consumer stores its tile in 64 x 64 pieces through two smem slots, so
-    the TMA store of one piece overlaps writing the next into smem.
+    the TMA store of one piece overlaps writing the next into smem. An addend is loaded into those
+    same slots (see HopperMatmulTiles.smem_bytes), so the same tiles serve a product with one.
     grid_tile_width = 8: the persistent loop walks the output tiles in bands 8 CTA-columns wide,
     so the 132 CTAs in flight read about 16 x-row tiles and 8 weight-column tiles at a time,
     which stay in L2.
@@ -96,7 +106,7 @@ def choose_tiles(tokens: int, d_k: int, d_n: int) -> HopperMatmulTiles:
     )
 
 
-def _check(x, w_stack, layer, transpose_w: bool) -> None:
+def _check(x, w_stack, layer, transpose_w: bool, addend=None) -> None:
     """Raise a ValueError (saying what to use instead) for what this kernel does not handle."""
     fallback = "use pallas_kernels.stacked_matmul_hopper.stacked_matmul_reference (XLA) instead"
     if x.ndim != 2 or w_stack.ndim != 3:
@@ -127,6 +137,17 @@ def _check(x, w_stack, layer, transpose_w: bool) -> None:
             f"output one a multiple of 128, got {d_k} and {d_n} (w_stack {w_stack.shape}, "
             f"transpose_w={transpose_w}); {fallback}"
         )
+    if addend is not None:
+        if tuple(jnp.shape(addend)) != (x.shape[0], d_n):
+            raise ValueError(
+                f"addend must have the output's shape [tokens, d_y] = {(x.shape[0], d_n)} (x {x.shape}, "
+                f"w_stack {w_stack.shape}, transpose_w={transpose_w}), got {tuple(jnp.shape(addend))}"
+            )
+        if jnp.result_type(addend) != jnp.dtype(x.dtype):
+            raise ValueError(
+                f"addend must have x's dtype {jnp.dtype(x.dtype)} (the kernel adds it in float32 and rounds "
+                f"the sum once to that dtype), got {jnp.result_type(addend)}; cast it with addend.astype(x.dtype)"
+            )
 
 
 def _num_sms() -> int:
@@ -135,7 +156,10 @@ def _num_sms() -> int:
     return _SM90_SMS
 
 
-def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTiles, transpose_w: bool):
+def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperMatmulTiles, transpose_w: bool):
+    """The refs are (layer, x, w_stack, out), or (layer, x, w_stack, addend, out) with an addend."""
+    *addend_gmem, out_gmem = addend_and_out_gmem
+    addend_gmem = addend_gmem[0] if addend_gmem else None
     tokens, d_k = x_gmem.shape
     d_n = out_gmem.shape[1]
     tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
@@ -174,9 +198,10 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTile
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_layer),
         out_smem=plgpu.SMEM((_COMPUTE_WGS, out_slots, epilogue_m, epilogue_n), dtype, transforms=_TRANSFORMS),
+        addend_loaded=None if addend_gmem is None else plgpu.Barrier(num_barriers=_COMPUTE_WGS * out_slots),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem):
+    def _scope(pipeline_allocs, out_smem, addend_loaded):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -187,25 +212,53 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTile
             cta_cols = pl.ds(n_idx * cta_tile_n, cta_tile_n)
             wg_cols = pl.ds(wg * tile_n, tile_n)
 
+            pieces_n = tile_n // epilogue_n
+            pieces = [
+                (slice(piece_m * epilogue_m, (piece_m + 1) * epilogue_m),
+                 slice(piece_n * epilogue_n, (piece_n + 1) * epilogue_n))
+                for piece_m in range(tile_m // epilogue_m)
+                for piece_n in range(pieces_n)
+            ]
+
+            def piece_of(gmem, piece):
+                piece_rows, piece_cols = pieces[piece]
+                return gmem.at[rows, cta_cols].at[:, wg_cols].at[piece_rows, piece_cols]
+
+            def load_addend(piece):
+                slot = piece % out_slots
+                plgpu.copy_gmem_to_smem(
+                    piece_of(addend_gmem, piece), out_smem.at[wg, slot], addend_loaded.at[wg * out_slots + slot]
+                )
+
             def compute_context(run_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                 def _acc_scope(acc_ref):
+                    if addend_gmem is not None:
+                        # The first pieces' addend loads fly while the K-loop runs, into slots the
+                        # previous tile's stores have finished reading.
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for piece in range(min(out_slots, len(pieces))):
+                            load_addend(piece)
                     run_pipeline(acc_ref)
-                    acc = acc_ref[...].astype(dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
-                    pieces_n = tile_n // epilogue_n
-                    for piece_m in range(tile_m // epilogue_m):
-                        for piece_n in range(pieces_n):
-                            piece_rows = slice(piece_m * epilogue_m, (piece_m + 1) * epilogue_m)
-                            piece_cols = slice(piece_n * epilogue_n, (piece_n + 1) * epilogue_n)
-                            slot = (piece_m * pieces_n + piece_n) % out_slots
+                    if addend_gmem is None:
+                        acc = acc_ref[...].astype(dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
+                    else:
+                        acc = acc_ref[...]  # float32 until the addend is in: one rounding
+                    for piece, (piece_rows, piece_cols) in enumerate(pieces):
+                        slot = piece % out_slots
+                        if addend_gmem is None:
                             plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
                             out_smem[wg, slot] = acc[piece_rows, piece_cols]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_gmem.at[rows, cta_cols].at[:, wg_cols].at[piece_rows, piece_cols],
-                            )
+                        else:
+                            if piece >= out_slots:  # the slot's previous store has read it
+                                plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
+                                load_addend(piece)
+                            plgpu.barrier_wait(addend_loaded.at[wg * out_slots + slot])
+                            addend_piece = out_smem[wg, slot].astype(jnp.float32)
+                            out_smem[wg, slot] = (acc[piece_rows, piece_cols] + addend_piece).astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], piece_of(out_gmem, piece))
 
             def mma(indices, x_smem, w_smem, acc_ref):
                 if transpose_w:
@@ -222,19 +275,24 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, out_gmem, *, tiles: HopperMatmulTile
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _stacked_matmul_kernel(x, w_stack, layer, transpose_w: bool):
+def _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w: bool):
     tokens, d_k = x.shape
     _, d_in, d_out = w_stack.shape
     d_n = d_in if transpose_w else d_out
     tiles = choose_tiles(tokens, d_k, d_n)
-    if tiles.smem_bytes(x.dtype.itemsize) > _SMEM_BYTES:
-        raise ValueError(f"{tiles} needs {tiles.smem_bytes(x.dtype.itemsize)} bytes of smem, over {_SMEM_BYTES}")
-    # Token rows are padded up to tile_m here (a copy of x only when tokens is not a multiple of
-    # 128) and the padded rows of the output are sliced off; the weight side is never padded.
+    smem_bytes = tiles.smem_bytes(x.dtype.itemsize, addend=addend is not None)
+    if smem_bytes > _SMEM_BYTES:
+        raise ValueError(f"{tiles} needs {smem_bytes} bytes of smem, over {_SMEM_BYTES}")
+    # Token rows are padded up to tile_m here (a copy of x, and of the addend, only when tokens is
+    # not a multiple of 128) and the padded rows of the output are sliced off; the weight side is
+    # never padded.
     tokens_padded = cdiv(tokens, tiles.tile_m) * tiles.tile_m
     if tokens_padded != tokens:
         x = jnp.pad(x, ((0, tokens_padded - tokens), (0, 0)))
+        if addend is not None:
+            addend = jnp.pad(addend, ((0, tokens_padded - tokens), (0, 0)))
     num_tiles = (tokens_padded // tiles.tile_m) * (d_n // tiles.cta_tile_n)
+    addends = () if addend is None else (addend,)
     out = plgpu.kernel(
         functools.partial(_kernel_body, tiles=tiles, transpose_w=transpose_w),
         out_type=jax.ShapeDtypeStruct((tokens_padded, d_n), x.dtype),
@@ -243,8 +301,8 @@ def _stacked_matmul_kernel(x, w_stack, layer, transpose_w: bool):
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="stacked_matmul_hopper_t" if transpose_w else "stacked_matmul_hopper",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack)
+        kernel_name="stacked_matmul_hopper" + ("_t" if transpose_w else "") + ("_addend" if addends else ""),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack, *addends)
     return out[:tokens] if tokens_padded != tokens else out
 
 
@@ -252,24 +310,49 @@ def _stacked_matmul_kernel(x, w_stack, layer, transpose_w: bool):
 # Gradient. y = x W (W = w_stack[layer], frozen): dx = dy W^T, the same kernel with the weight
 # orientation flipped (and for y = x W^T, dx = dy W). w_stack and layer get no cotangent (None:
 # a symbolic zero, never materialised; the stack is frozen and layer is an integer).
+# With an addend, y = round(x W + a) and dy/da is the identity (the rounding is treated as the
+# identity, as everywhere in autodiff), so da = dy, already in a's dtype (a has x's dtype, as y);
+# dx is unchanged: the addend does not depend on x here (the caller's own adapter term a(x) gets
+# its x-gradient through its own vjp, from this da), so dx runs the flipped kernel with no addend.
 # ---------------------------------------------------------------------------------------------
+
+
+def _dx(d_out, w_stack, layer, transpose_w):
+    return _stacked_matmul_kernel(d_out, w_stack, layer, None, not transpose_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _stacked_matmul(x, w_stack, layer, transpose_w):
-    return _stacked_matmul_kernel(x, w_stack, layer, transpose_w)
+    return _stacked_matmul_kernel(x, w_stack, layer, None, transpose_w)
 
 
 def _stacked_matmul_fwd(x, w_stack, layer, transpose_w):
-    return _stacked_matmul_kernel(x, w_stack, layer, transpose_w), (w_stack, layer)
+    return _stacked_matmul_kernel(x, w_stack, layer, None, transpose_w), (w_stack, layer)
 
 
 def _stacked_matmul_bwd(transpose_w, residuals, d_out):
     w_stack, layer = residuals
-    return _stacked_matmul_kernel(d_out, w_stack, layer, not transpose_w), None, None
+    return _dx(d_out, w_stack, layer, transpose_w), None, None
 
 
 _stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _stacked_matmul_plus(x, w_stack, layer, addend, transpose_w):
+    return _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w)
+
+
+def _stacked_matmul_plus_fwd(x, w_stack, layer, addend, transpose_w):
+    return _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w), (w_stack, layer)
+
+
+def _stacked_matmul_plus_bwd(transpose_w, residuals, d_out):
+    w_stack, layer = residuals
+    return _dx(d_out, w_stack, layer, transpose_w), None, None, d_out
+
+
+_stacked_matmul_plus.defvjp(_stacked_matmul_plus_fwd, _stacked_matmul_plus_bwd)
 
 
 def stacked_matmul_hopper(
@@ -278,18 +361,23 @@ def stacked_matmul_hopper(
     layer: Int[Array, ""],
     *,
     transpose_w: bool = False,
+    addend: Float[Array, "tokens d_y"] | None = None,
 ) -> Float[Array, "tokens d_y"]:
     """x @ w_stack[layer] (x [tokens, d_in] -> [tokens, d_out]) or, with transpose_w=True,
     x @ w_stack[layer].T (x [tokens, d_out] -> [tokens, d_in]), float32 accumulation, x.dtype out,
     without copying or transposing the stack. layer may be a tracer (a scan's layer index); out of
-    range it is clamped, as lax.dynamic_slice does. Differentiable in x only: the stack is treated
-    as frozen (its cotangent is a symbolic zero). Token counts that are not a multiple of 128 cost
-    a padded copy of x; the weight is never padded (see choose_tiles for the shapes it takes)."""
-    _check(x, w_stack, layer, transpose_w)
+    range it is clamped, as lax.dynamic_slice does. An addend (the output's shape, x's dtype) is
+    added to the float32 product before the one rounding to x.dtype. Differentiable in x and the
+    addend: the stack is treated as frozen (its cotangent is a symbolic zero). Token counts that
+    are not a multiple of 128 cost a padded copy of x (and of the addend); the weight is never
+    padded (see choose_tiles for the shapes it takes)."""
+    _check(x, w_stack, layer, transpose_w, addend)
     # Clamped as lax.dynamic_slice clamps (the reference's semantics): nothing in the kernel
     # checks the index, and what a TMA copy reads at an out-of-range layer is not to be relied on.
     layer = jnp.clip(jnp.reshape(jnp.asarray(layer, jnp.int32), ()), 0, w_stack.shape[0] - 1)
-    return _stacked_matmul(x, w_stack, layer, transpose_w)
+    if addend is None:
+        return _stacked_matmul(x, w_stack, layer, transpose_w)
+    return _stacked_matmul_plus(x, w_stack, layer, addend, transpose_w)
 
 
 def stacked_matmul_reference(
@@ -297,9 +385,15 @@ def stacked_matmul_reference(
     w_stack: Float[Array, "layers d_in d_out"],
     layer: Int[Array, ""],
     transpose_w: bool = False,
+    *,
+    addend: Float[Array, "tokens d_y"] | None = None,
 ) -> Float[Array, "tokens d_y"]:
-    """The same product in XLA: a dynamic slice of the stack and a float32-accumulated jnp.dot."""
+    """The same product in XLA: a dynamic slice of the stack and a float32-accumulated jnp.dot,
+    plus the addend in float32, rounded once to x.dtype."""
     weight = lax.dynamic_index_in_dim(w_stack, layer, axis=0, keepdims=False)
     if transpose_w:
         weight = weight.T
-    return jnp.dot(x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+    product = jnp.dot(x, weight, preferred_element_type=jnp.float32)
+    if addend is not None:
+        product = product + addend.astype(jnp.float32)
+    return product.astype(x.dtype)

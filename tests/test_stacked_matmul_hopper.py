@@ -2,11 +2,14 @@
 The kernel cannot run here (jax's Mosaic GPU interpret mode does not run wgmma), so these tests
 export it for CUDA, which runs the whole Mosaic GPU lowering in Python (an over-budget smem plan or
 a wgmma shape mistake fails here), inside a lax.scan over layers with the layer index from the
-scan, forward and gradient; and they check the input validation, the tiles and the reference.
-The numerics are checked on an H200 by bench/stacked_matmul_hopper_check.py."""
+scan, forward and gradient, with and without an addend; and they check the input validation, the
+tiles, the reference (with its one rounding of x @ W + addend) and the gradient wiring (with the
+kernel swapped for the reference, so it runs here). The numerics are checked on an H200 by
+bench/stacked_matmul_hopper_check.py."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import stacked_matmul_hopper as hopper
 from pallas_kernels.stacked_matmul_hopper import (
     _SMEM_BYTES,
     available,
@@ -47,10 +51,14 @@ def _export(fn, *args) -> jax.export.Exported:
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
 
 
+def _kernel_calls(mlir: str) -> list[str]:
+    return [line for line in mlir.splitlines() if KERNEL_CALL in line]
+
+
 def _assert_reads_the_stack_in_place(mlir: str, d_in, d_out, dtype, kernels: int):
     """The kernel is called `kernels` times, on the whole stack, and XLA neither slices the stack
     nor does a matmul of its own."""
-    calls = [line for line in mlir.splitlines() if KERNEL_CALL in line]
+    calls = _kernel_calls(mlir)
     assert len(calls) == kernels
     stack = _stack_type(d_in, d_out, dtype)
     for call in calls:
@@ -155,6 +163,7 @@ def test_tiles_fit_in_smem_and_divide_every_real_weight_dimension():
             tiles = choose_tiles(4096, d_k, d_n)
             assert d_k % tiles.tile_k == 0 and d_n % tiles.cta_tile_n == 0
             assert tiles.smem_bytes(2) <= _SMEM_BYTES
+            assert tiles.smem_bytes(2) < tiles.smem_bytes(2, addend=True) <= _SMEM_BYTES
 
 
 def test_float32_is_refused_with_a_pointer_to_the_reference():
@@ -191,3 +200,209 @@ def test_feature_mismatch_names_the_orientation():
 def test_not_available_on_cpu():
     assert jax.default_backend() == "cpu"
     assert available() is False
+
+
+# --- the addend: x @ W + addend, rounded once ---------------------------------------------------
+
+ADDEND_CASES = [CASES[0], CASES[2], CASES[4], CASES[5]]  # both dtypes' paths, padded tokens, 64-wide tiles
+
+
+def _element(dtype) -> str:
+    return {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+
+
+def _operand_types(call: str) -> str:
+    """The operand types of a custom_call line: `(...) -> ...` after the last ' : '."""
+    return call.rsplit(" : ", 1)[1].split("->")[0]
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
+@pytest.mark.parametrize("case", ADDEND_CASES, ids=[c[0] for c in ADDEND_CASES])
+def test_forward_with_addend_lowers_with_a_traced_layer(case, transpose_w):
+    """The addend goes into the one kernel call (padded to the 128-row tile like x), and XLA adds
+    nothing in float32 after it: no dot, no add, no convert of a [tokens, d_y] product."""
+    _, tokens, d_in, d_out, dtype = case
+    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+
+    def forward(x, w_stack, layer, addend):
+        return stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w, addend=addend)
+
+    exported = _export(
+        forward,
+        jax.ShapeDtypeStruct((tokens, d_x), dtype),
+        jax.ShapeDtypeStruct((LAYERS, d_in, d_out), dtype),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((tokens, d_y), dtype),
+    )
+    assert exported.out_avals[0].shape == (tokens, d_y)
+    assert exported.out_avals[0].dtype == dtype
+    mlir = exported.mlir_module()
+    _assert_reads_the_stack_in_place(mlir, d_in, d_out, dtype, kernels=1)
+    (call,) = _kernel_calls(mlir)
+    tokens_padded = -(-tokens // 128) * 128
+    assert f"tensor<{tokens_padded}x{d_y}x{_element(dtype)}>" in _operand_types(call)
+    assert _operand_types(call).count("tensor<") == 4  # layer, x, the stack, the addend
+    assert re.search(r"stacked_matmul_hopper(_t)?_addend_mosaic_gpu", mlir)
+    outside_the_kernel = re.sub(r'module = "[^"]*"', "", mlir)  # the kernel's serialized MLIR dropped
+    assert "stablehlo.add" not in outside_the_kernel and "f32" not in outside_the_kernel
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
+def test_gradient_with_addend_through_a_layer_scan_lowers_to_the_flipped_kernel(transpose_w):
+    """jax.grad through x and the addend inside a lax.scan: the forward kernel with the addend, and
+    dx as without one (the flipped kernel, three operands: no addend); the addend's gradient is the
+    cotangent itself, so it adds no kernel."""
+    _, tokens, d_in, d_out, dtype = CASES[4]  # 77 tokens: the padded path
+    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+
+    def run(x, addend, w_stack):
+        def body(carry, layer):
+            y = stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w, addend=addend)
+            return carry + jnp.sum(jnp.square(y.astype(jnp.float32))), None
+
+        total, _ = jax.lax.scan(body, jnp.float32(0), jnp.arange(w_stack.shape[0], dtype=jnp.int32))
+        return total
+
+    exported = _export(
+        jax.grad(run, argnums=(0, 1)),
+        jax.ShapeDtypeStruct((tokens, d_x), dtype),
+        jax.ShapeDtypeStruct((tokens, d_y), dtype),
+        jax.ShapeDtypeStruct((LAYERS, d_in, d_out), dtype),
+    )
+    assert [aval.shape for aval in exported.out_avals] == [(tokens, d_x), (tokens, d_y)]
+    assert [aval.dtype for aval in exported.out_avals] == [dtype, dtype]
+    mlir = exported.mlir_module()
+    _assert_reads_the_stack_in_place(mlir, d_in, d_out, dtype, kernels=2)
+    forward_name = "stacked_matmul_hopper_t_addend" if transpose_w else "stacked_matmul_hopper_addend"
+    dx_name = "stacked_matmul_hopper" if transpose_w else "stacked_matmul_hopper_t"
+    names = set(re.findall(r"(stacked_matmul_hopper\w*?)_mosaic_gpu", mlir))
+    assert names == {forward_name, dx_name}
+    operand_counts = sorted(_operand_types(call).count("tensor<") for call in _kernel_calls(mlir))
+    assert operand_counts == [3, 4]
+
+
+def test_addend_gradient_is_the_cotangent_and_no_kernel_runs_for_it():
+    """Asked for the addend's gradient alone of a loss linear in the output, no product is needed:
+    the kernels are dropped (so this runs on a CPU), and the gradient is the cotangent, exactly."""
+    rng = np.random.default_rng()
+    tokens, d_in, d_out = 77, 512, 384
+    x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.bfloat16)
+    w_stack = jnp.asarray(rng.standard_normal((LAYERS, d_in, d_out)), jnp.bfloat16)
+    addend = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.bfloat16)
+    probe = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+
+    def loss(addend):
+        y = stacked_matmul_hopper(x, w_stack, jnp.int32(1), addend=addend)
+        return jnp.sum(y.astype(jnp.float32) * probe)
+
+    addend_grad = jax.grad(loss)
+    assert KERNEL_CALL not in _export(addend_grad, addend).mlir_module()
+    got = jax.jit(addend_grad)(addend)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(probe.astype(jnp.bfloat16), np.float32))
+
+
+def _reference_as_kernel(x, w_stack, layer, addend, transpose_w):
+    """What the Mosaic kernel computes, in XLA, so that the custom_vjp around it runs on a CPU."""
+    return stacked_matmul_reference(x, w_stack, layer, transpose_w, addend=addend)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
+def test_custom_vjp_matches_the_references_gradients(monkeypatch, transpose_w):
+    """With the kernel call swapped for the reference, the custom_vjp's dx matches jax.grad of the
+    reference and d_addend equals it (a wrong orientation, argument order or a missing addend
+    cotangent fails), and dx is the same with an addend as without one."""
+    monkeypatch.setattr(hopper, "_stacked_matmul_kernel", _reference_as_kernel)
+    rng = np.random.default_rng()
+    tokens, d_in, d_out = 5, 256, 128
+    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+    x = jnp.asarray(rng.standard_normal((tokens, d_x)), jnp.bfloat16)
+    w_stack = jnp.asarray(rng.standard_normal((LAYERS, d_in, d_out)) / np.sqrt(d_x), jnp.bfloat16)
+    addend = jnp.asarray(rng.standard_normal((tokens, d_y)), jnp.bfloat16)
+    probe = jnp.asarray(rng.standard_normal((tokens, d_y)), jnp.float32)
+    layer = jnp.int32(2)
+
+    def loss(matmul, x, addend):
+        return jnp.sum(jnp.square(matmul(x, addend).astype(jnp.float32)) * probe)
+
+    ours = functools.partial(loss, lambda x, addend: stacked_matmul_hopper(
+        x, w_stack, layer, transpose_w=transpose_w, addend=addend))
+    reference = functools.partial(loss, lambda x, addend: stacked_matmul_reference(
+        x, w_stack, layer, transpose_w, addend=addend))
+    dx, d_addend = jax.grad(ours, argnums=(0, 1))(x, addend)
+    dx_ref, d_addend_ref = jax.grad(reference, argnums=(0, 1))(x, addend)
+    dx, dx_ref = np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32)
+    # bf16 tolerance: the reference's transposed dot takes a float32 cotangent, the kernel a 16-bit one
+    assert np.max(np.abs(dx - dx_ref)) / np.max(np.abs(dx_ref)) <= 1e-2
+    np.testing.assert_array_equal(np.asarray(d_addend, np.float32), np.asarray(d_addend_ref, np.float32))
+    assert d_addend.dtype == addend.dtype
+
+    # dx given the same output cotangent does not depend on whether an addend was added
+    cotangent = jnp.asarray(rng.standard_normal((tokens, d_y)), jnp.bfloat16)
+    _, vjp_with = jax.vjp(lambda x: stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w,
+                                                          addend=addend), x)
+    _, vjp_without = jax.vjp(lambda x: stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w), x)
+    np.testing.assert_array_equal(np.asarray(vjp_with(cotangent)[0], np.float32),
+                                  np.asarray(vjp_without(cotangent)[0], np.float32))
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
+def test_reference_with_addend_is_the_layers_product_plus_addend(transpose_w):
+    """float32: the reference matches a float64 numpy x @ w_stack[layer] + addend."""
+    rng = np.random.default_rng()
+    layers, d_in, d_out, tokens = 4, 48, 40, 9
+    w_stack = rng.standard_normal((layers, d_in, d_out)).astype(np.float32)
+    layer = int(rng.integers(layers))
+    x = rng.standard_normal((tokens, d_out if transpose_w else d_in)).astype(np.float32)
+    addend = rng.standard_normal((tokens, d_in if transpose_w else d_out)).astype(np.float32)
+    weight = w_stack[layer].astype(np.float64)
+    expected = x.astype(np.float64) @ (weight.T if transpose_w else weight) + addend
+    got = np.asarray(stacked_matmul_reference(jnp.asarray(x), jnp.asarray(w_stack), jnp.int32(layer), transpose_w,
+                                              addend=jnp.asarray(addend)))
+    assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_reference_rounds_product_plus_addend_once(dtype):
+    """16-bit: small integer x and W make x @ W exact in float32 (and often not representable in
+    16 bits), so the reference must equal float32 x @ W + addend (numpy) rounded once, exactly;
+    rounding x @ W first and adding after gives a different answer somewhere (e.g. 257 + 0.5:
+    258 rounded once, 256 + 0.5 -> 256 rounded twice), so the test tells the two apart."""
+    rng = np.random.default_rng()
+    layers, d_in, d_out, tokens = 3, 64, 48, 33
+    scale = 2048.0 if dtype == jnp.float16 else 256.0  # products around 16 bits' ulp of 1 or 2
+    w_stack = rng.integers(-8, 9, (layers, d_in, d_out)).astype(np.float32)
+    x = rng.integers(-8, 9, (tokens, d_in)).astype(np.float32)
+    x[:, 0] = scale  # pushes every product into the range where 16 bits cannot hold an integer exactly
+    w_stack[:, 0, :] = 1.0
+    addend = np.asarray(jnp.asarray(rng.uniform(-1.5, 1.5, (tokens, d_out)), dtype), np.float32)
+    layer = int(rng.integers(layers))
+    product = x @ w_stack[layer]  # exact: integers below 2**24
+    once = np.asarray(jnp.asarray(product + addend, dtype), np.float32)
+    twice = np.asarray(jnp.asarray(np.asarray(jnp.asarray(product, dtype), np.float32) + addend, dtype), np.float32)
+    assert np.any(once != twice)
+    got = stacked_matmul_reference(jnp.asarray(x, dtype), jnp.asarray(w_stack, dtype), jnp.int32(layer),
+                                   addend=jnp.asarray(addend, dtype))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), once)
+
+
+def test_addend_of_the_wrong_shape_is_refused():
+    x = jnp.zeros((128, 256), jnp.bfloat16)
+    w_stack = jnp.zeros((2, 256, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"addend must have the output's shape.*\(128, 512\).*got \(128, 256\)"):
+        stacked_matmul_hopper(x, w_stack, jnp.int32(0), addend=jnp.zeros((128, 256), jnp.bfloat16))
+    x_t = jnp.zeros((100, 512), jnp.bfloat16)  # transposed: the output is [100, 256]
+    with pytest.raises(ValueError, match=r"\(100, 256\).*transpose_w=True.*got \(100, 512\)"):
+        stacked_matmul_hopper(x_t, w_stack, jnp.int32(0), transpose_w=True, addend=jnp.zeros((100, 512), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"addend must have the output's shape"):
+        stacked_matmul_hopper(x, w_stack, jnp.int32(0), addend=jnp.zeros((1, 128, 512), jnp.bfloat16))
+
+
+def test_addend_of_another_dtype_is_refused():
+    x = jnp.zeros((128, 256), jnp.bfloat16)
+    w_stack = jnp.zeros((2, 256, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"addend must have x's dtype bfloat16.*got float32.*astype"):
+        stacked_matmul_hopper(x, w_stack, jnp.int32(0), addend=jnp.zeros((128, 512), jnp.float32))
+    with pytest.raises(ValueError, match=r"addend must have x's dtype bfloat16.*got float16"):
+        stacked_matmul_hopper(x, w_stack, jnp.int32(0), addend=jnp.zeros((128, 512), jnp.float16))
