@@ -437,44 +437,35 @@ def print_tables(checks: list, speeds: list) -> None:
     if not speeds:
         return
 
-    def cell(row, key, fmt):
-        value = row.get(key)
-        return format(value, fmt) if value is not None else "-"
+    def table(title: str, keep, columns: list[tuple[str, str, str]]) -> None:
+        """One table of the speed rows keep() selects: columns are (header, row key, format)."""
+        widths = [max(len(header), int(fmt.split(".")[0])) for header, _, fmt in columns]
+        print(f"\n{title:50} " + " ".join(f"{header:>{width}}" for (header, _, _), width in zip(columns, widths)))
+        for row in speeds:
+            if not keep(row["case"]):
+                continue
+            cells = [format(row[key], fmt) if row.get(key) is not None else "-" for _, key, fmt in columns]
+            print(f"{row['case']:50} " + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths))
+                  + f" {row.get('error', '')[:80]}")
 
-    print(f"\n{'speed case':50} {'ours ms':>8} {'TF/s':>5} {'static':>8} {'TF/s':>5} {'dynamic':>8} {'TF/s':>5} "
-          f"{'ours/st':>7} {'dyn/st':>7}")
-    for row in speeds:
-        if row["case"].startswith(("scan", "speed+addend")):
-            continue
-        print(f"{row['case']:50} {cell(row, 'ours_ms', '8.3f'):>8} {cell(row, 'ours_tflops', '5.0f'):>5} "
-              f"{cell(row, 'xla_static_slice_ms', '8.3f'):>8} {cell(row, 'xla_static_slice_tflops', '5.0f'):>5} "
-              f"{cell(row, 'xla_dynamic_slice_ms', '8.3f'):>8} {cell(row, 'xla_dynamic_slice_tflops', '5.0f'):>5} "
-              f"{cell(row, 'ours_over_static', '7.3f'):>7} {cell(row, 'dynamic_over_static', '7.3f'):>7} "
-              f"{row.get('error', '')[:80]}")
+    table("speed case", lambda case: not case.startswith(("scan", "speed+addend")), [
+        ("ours ms", "ours_ms", "8.3f"), ("TF/s", "ours_tflops", "5.0f"), ("static", "xla_static_slice_ms", "8.3f"),
+        ("TF/s", "xla_static_slice_tflops", "5.0f"), ("dynamic", "xla_dynamic_slice_ms", "8.3f"),
+        ("TF/s", "xla_dynamic_slice_tflops", "5.0f"), ("ours/st", "ours_over_static", "7.3f"),
+        ("dyn/st", "dynamic_over_static", "7.3f")])
     for row in speeds:
         controls = {key: round(row[key], 3) for key in ("xla_plain_weight_ms", "jax_example_plain_weight_ms") if key in row}
         if controls:
             print(f"  controls on a plain weight, {row['case']}: {controls}")
-    print(f"\n{'x @ W + addend, rounded once':50} {'ours ms':>8} {'TF/s':>5} {'xla ms':>8} {'TF/s':>5} "
-          f"{'ours/xla':>8} {'no-add ms':>9} {'add/no-add':>10}")
-    for row in speeds:
-        if not row["case"].startswith("speed+addend"):
-            continue
-        print(f"{row['case']:50} {cell(row, 'ours_addend_ms', '8.3f'):>8} {cell(row, 'ours_addend_tflops', '5.0f'):>5} "
-              f"{cell(row, 'xla_static_slice_addend_ms', '8.3f'):>8} "
-              f"{cell(row, 'xla_static_slice_addend_tflops', '5.0f'):>5} {cell(row, 'ours_over_xla', '8.3f'):>8} "
-              f"{cell(row, 'ours_no_addend_ms', '9.3f'):>9} {cell(row, 'addend_over_no_addend', '10.3f'):>10} "
-              f"{row.get('error', '')[:80]}")
-    print(f"\n{'scan case':50} {'ours ms':>8} {'/layer':>7} {'TF/s':>5} {'xla ms':>8} {'/layer':>7} {'TF/s':>5} "
-          f"{'ours/xla':>8}")
-    for row in speeds:
-        if not row["case"].startswith("scan"):
-            continue
-        print(f"{row['case']:50} {cell(row, 'ours_ms', '8.2f'):>8} {cell(row, 'ours_ms_per_layer', '7.3f'):>7} "
-              f"{cell(row, 'ours_tflops', '5.0f'):>5} {cell(row, 'xla_scan_slice_ms', '8.2f'):>8} "
-              f"{cell(row, 'xla_scan_slice_ms_per_layer', '7.3f'):>7} {cell(row, 'xla_scan_slice_tflops', '5.0f'):>5} "
-              f"{cell(row, 'ours_over_xla', '8.3f'):>8} {row.get('error', '')[:80]}")
-
+    table("x @ W + addend, rounded once", lambda case: case.startswith("speed+addend"), [
+        ("ours ms", "ours_addend_ms", "8.3f"), ("TF/s", "ours_addend_tflops", "5.0f"),
+        ("xla ms", "xla_static_slice_addend_ms", "8.3f"), ("TF/s", "xla_static_slice_addend_tflops", "5.0f"),
+        ("ours/xla", "ours_over_xla", "8.3f"), ("no-add ms", "ours_no_addend_ms", "9.3f"),
+        ("add/no-add", "addend_over_no_addend", "10.3f")])
+    table("scan case", lambda case: case.startswith("scan"), [
+        ("ours ms", "ours_ms", "8.2f"), ("/layer", "ours_ms_per_layer", "7.3f"), ("TF/s", "ours_tflops", "5.0f"),
+        ("xla ms", "xla_scan_slice_ms", "8.2f"), ("/layer", "xla_scan_slice_ms_per_layer", "7.3f"),
+        ("TF/s", "xla_scan_slice_tflops", "5.0f"), ("ours/xla", "ours_over_xla", "8.3f")])
 
 def main() -> None:
     args, deadline = gpu_check_args(__doc__.splitlines()[0])

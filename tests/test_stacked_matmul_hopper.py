@@ -142,9 +142,11 @@ def test_the_frozen_stack_gets_zeros_and_no_kernel_runs_for_it():
     assert d_stack.shape == w_stack.shape and not np.any(np.asarray(d_stack, np.float32))
 
 
+@pytest.mark.parametrize("with_addend", [False, True], ids=["plain", "addend"])
 @pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
-def test_reference_is_the_layers_product(transpose_w):
-    """The reference matches a float64 numpy product of the chosen layer (and not another)."""
+def test_reference_is_the_layers_product(transpose_w, with_addend):
+    """The reference matches a float64 numpy product of the chosen layer (and not another), plus
+    the addend when there is one."""
     rng = np.random.default_rng()
     layers, d_in, d_out, tokens = 4, 48, 40, 9
     w_stack = rng.standard_normal((layers, d_in, d_out)).astype(np.float32)
@@ -152,7 +154,12 @@ def test_reference_is_the_layers_product(transpose_w):
     x = rng.standard_normal((tokens, d_out if transpose_w else d_in)).astype(np.float32)
     weight = w_stack[layer].astype(np.float64)
     expected = x.astype(np.float64) @ (weight.T if transpose_w else weight)
-    got = np.asarray(stacked_matmul_reference(jnp.asarray(x), jnp.asarray(w_stack), jnp.int32(layer), transpose_w))
+    addend = None
+    if with_addend:
+        addend = rng.standard_normal(expected.shape).astype(np.float32)
+        expected = expected + addend
+    got = np.asarray(stacked_matmul_reference(jnp.asarray(x), jnp.asarray(w_stack), jnp.int32(layer), transpose_w,
+                                              addend=None if addend is None else jnp.asarray(addend)))
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-5
 
 
@@ -344,22 +351,6 @@ def test_custom_vjp_matches_the_references_gradients(monkeypatch, transpose_w):
     _, vjp_without = jax.vjp(lambda x: stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w), x)
     np.testing.assert_array_equal(np.asarray(vjp_with(cotangent)[0], np.float32),
                                   np.asarray(vjp_without(cotangent)[0], np.float32))
-
-
-@pytest.mark.parametrize("transpose_w", [False, True], ids=["x_w", "x_wT"])
-def test_reference_with_addend_is_the_layers_product_plus_addend(transpose_w):
-    """float32: the reference matches a float64 numpy x @ w_stack[layer] + addend."""
-    rng = np.random.default_rng()
-    layers, d_in, d_out, tokens = 4, 48, 40, 9
-    w_stack = rng.standard_normal((layers, d_in, d_out)).astype(np.float32)
-    layer = int(rng.integers(layers))
-    x = rng.standard_normal((tokens, d_out if transpose_w else d_in)).astype(np.float32)
-    addend = rng.standard_normal((tokens, d_in if transpose_w else d_out)).astype(np.float32)
-    weight = w_stack[layer].astype(np.float64)
-    expected = x.astype(np.float64) @ (weight.T if transpose_w else weight) + addend
-    got = np.asarray(stacked_matmul_reference(jnp.asarray(x), jnp.asarray(w_stack), jnp.int32(layer), transpose_w,
-                                              addend=jnp.asarray(addend)))
-    assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
