@@ -285,33 +285,38 @@ def rope_qk(
     return rope(q), rope(k)
 
 
-def stacked_linear(
-    x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsConfig,
-    addend: Float[Array, "... d_out"] | None = None,
-) -> Float[Array, "... d_out"]:
-    """x @ kernel.stack[kernel.layer] (+ addend, before the one rounding to x.dtype) without slicing the
-    stack out first ("hopper"), or with it. The addend is how a LoRA layer adds its adapter's term to
-    the float32 product instead of to an already rounded one (see lora_linear)."""
+def stacked_linear(x: Float[Array, "... d_in"], kernel: StackedKernel, cfg: OpsConfig) -> Float[Array, "... d_out"]:
+    """x @ kernel.stack[kernel.layer] without slicing the stack out first ("hopper"), or with it."""
     d_in, d_out = kernel.stack.shape[1:]
-    x2d = x.reshape(-1, d_in)
-    addend2d = None if addend is None else addend.reshape(-1, d_out)
+    return _stacked_product(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
+
+
+def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: bool = False,
+                     low: tuple[Array, Array, float] | None = None):
+    """lhs @ W[layer] (W[layer]^T with transpose) + scale * low_lhs @ low_rhs for low = (low_lhs,
+    low_rhs, scale), rounded once to lhs.dtype. "hopper": the Mosaic GPU GEMM reads W in place and
+    takes the rank-r term, rounded to 16-bit (2^-9 of a small term), as its epilogue's addend;
+    otherwise the layer's slice, and base_plus_low_rank's float32 sum."""
+    dtype = lhs.dtype
+    d_in, d_out = kernel.stack.shape[1:]
     # The GEMM takes one dtype; casting a stack of another would copy all of it, so such a stack
     # (a float32 checkpoint under bf16 compute) takes the slice, cast one layer at a time. Its tiles
     # must divide the kernel in both orientations (the backward's dx runs it transposed): every
     # Llama/Qwen size does; a kernel that does not also takes the slice.
     fits = d_in % 128 == 0 and d_out % 128 == 0
-    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == x.dtype and fits:
+    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == dtype and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
-        addend_16bit = None if addend2d is None else addend2d.astype(x.dtype)
-        out = stacked_matmul_hopper(x2d, kernel.stack, kernel.layer, addend=addend_16bit)
-    else:
-        weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False)
-        out = jnp.dot(x2d, weight.astype(x.dtype), preferred_element_type=jnp.float32)
-        if addend2d is not None:
-            out = out + addend2d.astype(jnp.float32)
-        out = out.astype(x.dtype)
-    return out.reshape(*x.shape[:-1], d_out)
+        addend = None
+        if low is not None:
+            low_lhs, low_rhs, scale = low
+            addend = (scale * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)).astype(dtype)
+        return stacked_matmul_hopper(lhs, kernel.stack, kernel.layer, transpose_w=transpose, addend=addend)
+    weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False).astype(dtype)
+    weight = weight.T if transpose else weight
+    if low is None:
+        return jnp.dot(lhs, weight, preferred_element_type=jnp.float32).astype(dtype)
+    return lora_linear_kernels.base_plus_low_rank(lhs, weight, *low)
 
 
 def linear(
@@ -336,20 +341,14 @@ def lora_linear(
 ) -> Float[Array, "... d_out"]:
     """x @ kernel + scale * (x' @ a) @ b, where x' is x after LoRA dropout (PEFT applies dropout to the
     adapter's input only). The LoRA factors are float32 masters, cast to the compute dtype here.
-    A quantized kernel (QLoRA) goes through quantized_lora_linear."""
-    if quant.is_quantized(kernel):
-        return quantized_lora_linear(x, kernel, lora_a, lora_b, scale, cfg, x_for_lora)
-    if isinstance(kernel, StackedKernel) or x_for_lora is not None:
-        # LoRA dropout, or a kernel read in place from its stack: the base product alone, and the
-        # adapter's two thin matmuls by autodiff (which saves x and x·A, as the kernel's custom_vjp does).
-        x_lora = x if x_for_lora is None else x_for_lora
-        x_a = jnp.dot(x_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    A quantized kernel (QLoRA) or one read in place from its stack goes through frozen_lora_linear."""
+    if quant.is_quantized(kernel) or isinstance(kernel, StackedKernel):
+        return frozen_lora_linear(x, kernel, lora_a, lora_b, scale, cfg, x_for_lora)
+    if x_for_lora is not None:
+        # LoRA dropout: the base product alone, and the adapter's two thin matmuls by autodiff (which
+        # saves x and x·A, as the kernel's custom_vjp does).
+        x_a = jnp.dot(x_for_lora, lora_a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
         lora = scale * jnp.dot(x_a, lora_b.astype(x.dtype), preferred_element_type=jnp.float32)
-        if isinstance(kernel, StackedKernel):
-            # The adapter's term joins the float32 product inside the GEMM (its epilogue on the
-            # Hopper path, in 16-bit there: a 2^-9 relative rounding of a small term), and the sum
-            # is rounded once, as the reference rounds.
-            return stacked_linear(x, kernel, cfg, addend=lora)
         base = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         return (base + lora).astype(x.dtype)
     mode = cfg.resolve("lora_linear")
@@ -461,10 +460,12 @@ def quantized_linear(
     return _quantized_linear_2d(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
 
 
-def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
+def _frozen_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
     dtype = x2d.dtype
     x_a = jnp.dot(x_lora2d, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    if isinstance(kernel, StackedKernel):
+        return _stacked_product(x2d, kernel, cfg, low=(x_a, b.astype(dtype), scale)), x_a
     if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
         # W_hf.T: folded into the GEMM, as in _quantized_base.
         weight_hf, x2d = _dequantize_after(kernel, x2d, dtype, cfg)
@@ -478,9 +479,10 @@ def _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
 # Gradient, as pallas_kernels/lora_linear.py derives it, with x' the adapter's input (x itself, or
 # x after LoRA dropout) and xa = x' a:
 #   db = s xa^T g,   d(xa) = s g b^T,   da = x'^T d(xa),   dx = g W^T,   dx' = d(xa) a^T
-# (dx + dx' when x' is x). W is dequantized again for g W^T = g W_hf (HF's [out, in] is already
-# the [k, n] operand this GEMM wants) instead of being saved by the forward.
-def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
+# (dx + dx' when x' is x). A quantized W is dequantized again for g W^T = g W_hf (HF's [out, in] is
+# already the [k, n] operand this GEMM wants) instead of being saved by the forward; a stacked W is
+# read in place again, transposed.
+def _frozen_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     """(dx, dx', da, db); with separate_dx_lora False, dx already holds dx + dx' (one GEMM with
     the rank-r term as its addend) and dx' is None."""
     x_lora2d, x_a, kernel, a, b = saved
@@ -490,69 +492,78 @@ def _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     db = scale * jax.lax.dot_general(x_a, g, contract_rows, preferred_element_type=jnp.float32)
     d_x_a = (scale * jnp.dot(g, b.astype(dtype).T, preferred_element_type=jnp.float32)).astype(dtype)
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
-    weight_hf, g = _dequantize_after(kernel, g, dtype, cfg)
+    a_t = a.astype(dtype).T
+    if isinstance(kernel, StackedKernel):
+        # With dropout the rank-r term belongs to x', not x: dx' is its own thin GEMM below.
+        dx = _stacked_product(g, kernel, cfg, transpose=True, low=None if separate_dx_lora else (d_x_a, a_t, 1.0))
+    else:
+        weight_hf, g = _dequantize_after(kernel, g, dtype, cfg)
+        if not separate_dx_lora:
+            dx = lora_linear_kernels.base_plus_low_rank(g, weight_hf, d_x_a, a_t, 1.0)
+        else:
+            dx = jnp.dot(g, weight_hf, preferred_element_type=dtype)
     if not separate_dx_lora:
-        dx = lora_linear_kernels.base_plus_low_rank(g, weight_hf, d_x_a, a.astype(dtype).T, 1.0)
         return dx, None, da.astype(a.dtype), db.astype(b.dtype)
-    dx = jnp.dot(g, weight_hf, preferred_element_type=dtype)
-    dx_lora = jnp.dot(d_x_a, a.astype(dtype).T, preferred_element_type=dtype)
+    dx_lora = jnp.dot(d_x_a, a_t, preferred_element_type=dtype)
     return dx, dx_lora, da.astype(a.dtype), db.astype(b.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _quantized_lora_2d(x2d, kernel, a, b, scale, cfg):
-    return _quantized_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)[0]
+def _frozen_lora_2d(x2d, kernel, a, b, scale, cfg):
+    return _frozen_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)[0]
 
 
-def _quantized_lora_2d_fwd(x2d, kernel, a, b, scale, cfg):
-    out, x_a = _quantized_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)
+def _frozen_lora_2d_fwd(x2d, kernel, a, b, scale, cfg):
+    out, x_a = _frozen_lora_forward(x2d, x2d, kernel, a, b, scale, cfg)
     return out, (x2d, x_a, kernel, a, b)
 
 
-def _quantized_lora_2d_bwd(scale, cfg, saved, g):
-    dx, _, da, db = _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora=False)
+def _frozen_lora_2d_bwd(scale, cfg, saved, g):
+    dx, _, da, db = _frozen_lora_grads(scale, cfg, saved, g, separate_dx_lora=False)
     return dx.astype(saved[0].dtype), None, da, db
 
 
-_quantized_lora_2d.defvjp(_quantized_lora_2d_fwd, _quantized_lora_2d_bwd)
+_frozen_lora_2d.defvjp(_frozen_lora_2d_fwd, _frozen_lora_2d_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _quantized_lora_dropout_2d(x2d, x_lora2d, kernel, a, b, scale, cfg):
-    return _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)[0]
+def _frozen_lora_dropout_2d(x2d, x_lora2d, kernel, a, b, scale, cfg):
+    return _frozen_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)[0]
 
 
-def _quantized_lora_dropout_2d_fwd(x2d, x_lora2d, kernel, a, b, scale, cfg):
-    out, x_a = _quantized_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)
+def _frozen_lora_dropout_2d_fwd(x2d, x_lora2d, kernel, a, b, scale, cfg):
+    out, x_a = _frozen_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg)
     return out, (x_lora2d, x_a, kernel, a, b)
 
 
-def _quantized_lora_dropout_2d_bwd(scale, cfg, saved, g):
-    dx, dx_lora, da, db = _quantized_lora_grads(scale, cfg, saved, g, separate_dx_lora=True)
+def _frozen_lora_dropout_2d_bwd(scale, cfg, saved, g):
+    dx, dx_lora, da, db = _frozen_lora_grads(scale, cfg, saved, g, separate_dx_lora=True)
     dtype = saved[0].dtype
     return dx.astype(dtype), dx_lora.astype(dtype), None, da, db
 
 
-_quantized_lora_dropout_2d.defvjp(_quantized_lora_dropout_2d_fwd, _quantized_lora_dropout_2d_bwd)
+_frozen_lora_dropout_2d.defvjp(_frozen_lora_dropout_2d_fwd, _frozen_lora_dropout_2d_bwd)
 
 
-def quantized_lora_linear(
+def frozen_lora_linear(
     x: Float[Array, "... d_in"],
-    kernel: quant.QuantizedKernel,
+    kernel: quant.QuantizedKernel | StackedKernel,
     lora_a: Float[Array, "d_in rank"],
     lora_b: Float[Array, "rank d_out"],
     scale: float,
     cfg: OpsConfig,
     x_for_lora: Float[Array, "... d_in"] | None = None,
 ) -> Float[Array, "... d_out"]:
-    """lora_linear on a quantized frozen kernel: the forward equals lora_linear_reference on the
-    dequantized kernel; the backward dequantizes the kernel again (custom_vjp)."""
-    d_in, d_out = kernel.shape
+    """lora_linear on a frozen kernel that is not a plain array: quantized (its forward equals
+    lora_linear_reference on the dequantized kernel, and the backward dequantizes it again), or one
+    layer of a stack read in place (the backward reads it again, transposed). A custom_vjp with the
+    16-bit kernel's matmul order and roundings either way."""
+    d_in, d_out = kernel.shape if quant.is_quantized(kernel) else kernel.stack.shape[1:]
     x2d = x.reshape(-1, d_in)
     if x_for_lora is None:
-        out = _quantized_lora_2d(x2d, kernel, lora_a, lora_b, float(scale), cfg)
+        out = _frozen_lora_2d(x2d, kernel, lora_a, lora_b, float(scale), cfg)
     else:
-        out = _quantized_lora_dropout_2d(x2d, x_for_lora.reshape(-1, d_in), kernel, lora_a, lora_b, float(scale), cfg)
+        out = _frozen_lora_dropout_2d(x2d, x_for_lora.reshape(-1, d_in), kernel, lora_a, lora_b, float(scale), cfg)
     return out.reshape(*x.shape[:-1], d_out)
 
 

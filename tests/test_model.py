@@ -337,8 +337,9 @@ def test_kernel_path_equals_the_reference_on_packed_rows(checkpointing):
         assert error <= 1e-5, f"{jax.tree_util.keystr(path)}: relative error {error:.2e} (seed {seed})"
 
 
-@pytest.mark.parametrize("checkpointing", ["selective", "unsloth"])
-def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing):
+# With and without LoRA dropout: the in-place path's custom_vjp keeps dx' apart under dropout only.
+@pytest.mark.parametrize("checkpointing, dropout", [("selective", 0.1), ("unsloth", 0.0)])
+def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing, dropout):
     """kernels.layer_matmul changes where each layer's kernels are read from (the stack, in place,
     instead of a slice the scan copies out), not what is computed: the loss and every LoRA gradient
     equal the default path's (float32), with biases (qwen2), GQA, LoRA dropout and the MLP tiled."""
@@ -350,7 +351,7 @@ def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing):
     from fastft_jax.model import decoder_hidden, random_params
 
     config = ModelConfig("qwen2", 512, 128, 256, 3, 4, 2, 32, 1e-6, 1e6, None, True, True, False, 4096)
-    lora_config = LoRAConfig(r=8, alpha=16, dropout=0.1, target_modules=PROJECTIONS)
+    lora_config = LoRAConfig(r=8, alpha=16, dropout=dropout, target_modules=PROJECTIONS)
     seed = int(np.random.default_rng().integers(1 << 30))
     params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
     lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
