@@ -312,7 +312,7 @@ def decoder_hidden(
 
     layers = params["layers"]
     kernel_stacks = None
-    if ops_config.layer_matmul != "slice" and not fsdp and not _any_quantized(layers):
+    if ops_config.layer_matmul_mode() != "slice" and not fsdp and not _any_quantized(layers):
         # The projection kernels stay whole (closed over), and each layer reads its own in place:
         # the scan slices only the norms and biases, and hands the layer its index.
         kernel_stacks = {name: weights["kernel"] for name, weights in layers.items()

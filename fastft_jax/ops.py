@@ -103,9 +103,13 @@ UNROLLED_BACKWARD_MODES = ("free", "tied")
 # How the layer scan feeds each layer's frozen 16-bit projection kernels to their matmuls. "slice":
 # the scan slices the layer out of the stacked [layers, d_in, d_out] array (XLA copies the slice
 # before cuBLAS reads it: ~11 % of a Llama-3-8B step on an H200); "hopper": the Mosaic GPU GEMM of
-# pallas_kernels/stacked_matmul_hopper.py reads the layer in place (sm90 only, opt-in until a GPU has
-# measured it); "reference": the same in-place plumbing with a dynamic slice and jnp.dot (tests).
-LAYER_MATMUL_MODES = ("slice", "hopper", "reference")
+# pallas_kernels/stacked_matmul_hopper.py reads the layer in place (sm90 only); "reference": the same
+# in-place plumbing with a dynamic slice and jnp.dot (tests); "auto": OpsConfig.layer_matmul_mode.
+LAYER_MATMUL_MODES = ("auto", "slice", "hopper", "reference")
+# What layer_matmul="auto" takes on an sm90 GPU once a whole step has measured it faster: "hopper".
+# False: its first whole step (H200, seventh session) ran 11,701 tok/s against the slices' 13,941,
+# through autodiff; the custom_vjp written since has not run on a GPU.
+HOPPER_LAYER_MATMUL_IN_AUTO = False
 
 
 @jax.tree_util.register_dataclass
@@ -154,7 +158,7 @@ class OpsConfig:
     # barrier): 15,022 tok/s at 33.6 GiB, since it also stops one layer's backward overlapping the
     # next one's recomputation (bench/RESULTS.md, sixth session).
     unrolled_backward: str = "free"
-    layer_matmul: str = "slice"  # one of LAYER_MATMUL_MODES
+    layer_matmul: str = "auto"  # one of LAYER_MATMUL_MODES; "auto": see layer_matmul_mode
 
     @classmethod
     def from_env(cls, **overrides: str) -> "OpsConfig":
@@ -191,7 +195,7 @@ class OpsConfig:
 
             if not available():
                 raise ConfigError("kernels.layer_matmul=hopper needs an sm90 GPU (H100/H200), and this machine's "
-                                  f"default backend is {jax.default_backend()!r}; use slice (the default)")
+                                  f"default backend is {jax.default_backend()!r}; use auto (the default) or slice")
         if self.unrolled_backward not in UNROLLED_BACKWARD_MODES:
             raise ConfigError(f"kernels.unrolled_backward={self.unrolled_backward!r} is not one of "
                               f"{', '.join(UNROLLED_BACKWARD_MODES)}")
@@ -203,6 +207,18 @@ class OpsConfig:
         if unroll == "auto":
             unroll = 0 if decode and jax.default_backend() == "gpu" else 1
         return num_layers if unroll == 0 else min(unroll, num_layers)
+
+    def layer_matmul_mode(self) -> str:
+        """layer_matmul with "auto" resolved: "hopper" on an sm90 GPU where HOPPER_LAYER_MATMUL_IN_AUTO
+        allows it, else "slice"."""
+        if self.layer_matmul != "auto":
+            return self.layer_matmul
+        if HOPPER_LAYER_MATMUL_IN_AUTO:
+            from pallas_kernels._common import is_sm90_gpu
+
+            if is_sm90_gpu():
+                return "hopper"
+        return "slice"
 
     def resolve(self, op: str) -> str:
         """'reference' or 'pallas' (attention: also 'cudnn' / 'xla' / 'auto')."""
@@ -304,7 +320,7 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
     # must divide the kernel in both orientations (the backward's dx runs it transposed): every
     # Llama/Qwen size does; a kernel that does not also takes the slice.
     fits = d_in % 128 == 0 and d_out % 128 == 0
-    if cfg.layer_matmul == "hopper" and kernel.stack.dtype == dtype and fits:
+    if cfg.layer_matmul_mode() == "hopper" and kernel.stack.dtype == dtype and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
         addend = None

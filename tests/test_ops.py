@@ -43,3 +43,12 @@ def test_auto_attention(monkeypatch, enabled, sm90, dtype, packed, expected):
     monkeypatch.setattr(ops, "HOPPER_ATTENTION_IN_AUTO", enabled)
     monkeypatch.setattr(_common, "is_sm90_gpu", lambda: sm90)
     assert ops._auto_attention(packed, dtype) == expected
+
+
+@pytest.mark.parametrize("enabled, sm90, expected", [(True, True, "hopper"), (True, False, "slice"),
+                                                      (False, True, "slice")])
+def test_auto_layer_matmul(monkeypatch, enabled, sm90, expected):
+    monkeypatch.setattr(ops, "HOPPER_LAYER_MATMUL_IN_AUTO", enabled)
+    monkeypatch.setattr(_common, "is_sm90_gpu", lambda: sm90)
+    assert ops.OpsConfig().layer_matmul_mode() == expected
+    assert ops.OpsConfig(layer_matmul="reference").layer_matmul_mode() == "reference"  # explicit choices stay
