@@ -316,6 +316,12 @@ def _plain_impls(w_stack):
     return {"xla_plain_weight": jax.jit(cublas_plain), "jax_example_plain_weight": jax.jit(jax_example_plain)}
 
 
+def time_ratio(row: dict[str, Any], key: str, numerator: str, denominator: str) -> None:
+    """row[key] = numerator's ms / denominator's ms, when both were timed."""
+    if f"{numerator}_ms" in row and f"{denominator}_ms" in row:
+        row[key] = row[f"{numerator}_ms"] / row[f"{denominator}_ms"]
+
+
 def warm_the_card(seconds: float = 1.5) -> None:
     """Busy the GPU before the first timed row: on an H200 two x @ W rows that ran first in their
     process took 2x and 5x the time the same kernel took in another process (seventh session), and
@@ -346,10 +352,8 @@ def speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list
                                                               impls["xla_static_slice"](x, w_stack, layer))
                 for impl, fn in impls.items():
                     record_timing(row, impl, fn, (x, w_stack, layer), flops, warmup, iters)
-                if "ours_ms" in row and "xla_static_slice_ms" in row:
-                    row["ours_over_static"] = row["ours_ms"] / row["xla_static_slice_ms"]
-                if "xla_dynamic_slice_ms" in row and "xla_static_slice_ms" in row:
-                    row["dynamic_over_static"] = row["xla_dynamic_slice_ms"] / row["xla_static_slice_ms"]
+                time_ratio(row, "ours_over_static", "ours", "xla_static_slice")
+                time_ratio(row, "dynamic_over_static", "xla_dynamic_slice", "xla_static_slice")
                 row["status"] = "OK"
 
             guarded(rows, row, deadline, body)
@@ -380,10 +384,8 @@ def addend_speed_rows(tokens: int, deadline: float, warmup: int, iters: int, row
             record_timing(row, "ours_addend", _ours_addend(False), (x, w_stack, layer, addend), flops, warmup, iters)
             record_timing(row, "xla_static_slice_addend", xla, (x, w_stack, layer, addend), flops, warmup, iters)
             record_timing(row, "ours_no_addend", _ours(False), (x, w_stack, layer), flops, warmup, iters)
-            if "ours_addend_ms" in row and "xla_static_slice_addend_ms" in row:
-                row["ours_over_xla"] = row["ours_addend_ms"] / row["xla_static_slice_addend_ms"]
-            if "ours_addend_ms" in row and "ours_no_addend_ms" in row:
-                row["addend_over_no_addend"] = row["ours_addend_ms"] / row["ours_no_addend_ms"]
+            time_ratio(row, "ours_over_xla", "ours_addend", "xla_static_slice_addend")
+            time_ratio(row, "addend_over_no_addend", "ours_addend", "ours_no_addend")
             row["status"] = "OK"
 
         guarded(rows, row, deadline, body)
@@ -427,8 +429,7 @@ def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int 
                 ms = record_timing(row, impl, fn, (x, w_stack), part_flops, warmup, iters)
                 if ms is not None:
                     row[f"{impl}_ms_per_layer"] = ms / layers
-            if "ours_ms" in row and "xla_scan_slice_ms" in row:
-                row["ours_over_xla"] = row["ours_ms"] / row["xla_scan_slice_ms"]
+            time_ratio(row, "ours_over_xla", "ours", "xla_scan_slice")
             row["status"] = "OK"
 
         guarded(rows, row, deadline, body)
