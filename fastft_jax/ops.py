@@ -72,6 +72,11 @@ _KERNELS = {
 }
 
 
+def _allowed_modes(op: str) -> tuple[str, ...]:
+    """The modes one op takes (op "": what every op takes, FASTFT_KERNELS' base mode)."""
+    return {"attention": ATTENTION_MODES, "lora_linear": LORA_LINEAR_MODES}.get(op, MODES)
+
+
 def _env_modes() -> dict[str, str]:
     """FASTFT_KERNELS as a mode per op: "MODE" for every op, and "op=MODE" items, comma-separated, for
     one op each ("auto,lora_linear=reference": the auto choice except the LoRA matmuls), so that any
@@ -88,7 +93,7 @@ def _env_modes() -> dict[str, str]:
         name, mode = name.strip(), mode.strip()
         if name and name not in OP_NAMES:
             raise ConfigError(f"FASTFT_KERNELS={raw!r}: {name!r} is not an op; ops are {', '.join(OP_NAMES)}")
-        allowed = {"attention": ATTENTION_MODES, "lora_linear": LORA_LINEAR_MODES}.get(name, MODES)
+        allowed = _allowed_modes(name)
         if mode not in allowed:
             raise ConfigError(f"FASTFT_KERNELS={raw!r}: {mode!r} is not one of {', '.join(allowed)}"
                               + (f" (for {name})" if name else "; use MODE or op=MODE items, comma-separated"))
@@ -169,7 +174,7 @@ class OpsConfig:
     def validated(self) -> "OpsConfig":
         for name in OP_NAMES:
             value = getattr(self, name)
-            allowed = {"attention": ATTENTION_MODES, "lora_linear": LORA_LINEAR_MODES}.get(name, MODES)
+            allowed = _allowed_modes(name)
             if value not in allowed:
                 raise ConfigError(f"kernels.{name}={value!r} is not one of {', '.join(allowed)}")
         tile = self.mlp_tile_tokens
