@@ -6,15 +6,18 @@
     shapes of tests/test_attention_hopper.py, GQA ratios 1, 2, 4, 6, 7, head_dim 64/80/96/128,
     lengths 1, 17, 1000, 2048, packed rows (5 segments and a padding tail, as bench/grad_parity.py's
     packed_batch builds them), non-causal and fewer queries than keys. An exception fails its case
-    only.
+    only. Three of the cases run again with fused_dq=True ("[fused dq]": the dK/dV kernel reduce-adds
+    dQ, no separate dQ kernel).
 (b) Speed: forward and forward+backward ms and TFLOP/s (causal counted as half of full; backward
     2.5x forward) at Llama-3-8B (32/8 heads, d=128) 2k/8k/16k tokens per row (batch * seq = 16k)
     and Qwen2.5-7B (28/4) 8k, beside cuDNN and our Triton `flash_attention`; then 8 packed
-    sequences per 8k row (Llama-3-8B, batch 2) for both of our kernels.
+    sequences per 8k row (Llama-3-8B, batch 2) for both of our kernels. "hopper-fused-dq" is the
+    fused-dQ backward (forward+backward only: its forward is "hopper"'s).
 
 Run from the repository root on the GPU machine: python bench/attention_hopper_check.py
   --deadline S   skip the cases left after S seconds (default 110)
   --skip-speed   correctness only
+  --skip-correctness   speed only
 Writes $OUT/attention_hopper.json when OUT is set.
 """
 
@@ -108,15 +111,19 @@ CORRECTNESS_CASES = [
     ("len 1000 non-causal packed", 1, 1000, 1000, 8, 2, 64, BF16, False, True),
     ("500 queries on 1500 keys d96", 1, 500, 1500, 16, 2, 96, BF16, True, False),
 ]
+# cases run a second time with flash_attention_hopper(..., fused_dq=True)
+FUSED_DQ_CASES = ("llama3-8b 2048 causal", "gqa4 1000 packed", "d96 1000 packed")
 
 
 def correctness(deadline: float) -> list[dict[str, Any]]:
     rows = []
-    for index, (name, batch, seq_q, seq_k, heads_q, heads_kv, head_dim, dtype, causal, packed) in enumerate(
-        CORRECTNESS_CASES
-    ):
+    runs = [(index, case, False) for index, case in enumerate(CORRECTNESS_CASES)]
+    runs += [(index, case, True) for index, case in enumerate(CORRECTNESS_CASES) if case[0] in FUSED_DQ_CASES]
+    for index, (name, batch, seq_q, seq_k, heads_q, heads_kv, head_dim, dtype, causal, packed), fused_dq in runs:
+        name = f"{name} [fused dq]" if fused_dq else name
         row: dict[str, Any] = {"case": name, "shape": [batch, seq_q, seq_k, heads_q, heads_kv, head_dim],
-                               "dtype": jnp.dtype(dtype).name, "causal": causal, "packed": packed}
+                               "dtype": jnp.dtype(dtype).name, "causal": causal, "packed": packed,
+                               "fused_dq": fused_dq}
         if time.perf_counter() > deadline:
             row["status"] = "SKIPPED (deadline)"
             rows.append(row)
@@ -130,8 +137,8 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
             q, k, v, d_out = random_inputs(1000 + index, batch, seq_q, seq_k, heads_q, heads_kv, head_dim, dtype)
             segment_ids = jnp.asarray(packed_segment_ids(batch, seq_q, 5, seed=index)) if packed else None
 
-            def ours(q, k, v):
-                return flash_attention_hopper(q, k, v, causal=causal, segment_ids=segment_ids)
+            def ours(q, k, v, fused_dq=fused_dq):
+                return flash_attention_hopper(q, k, v, causal=causal, segment_ids=segment_ids, fused_dq=fused_dq)
 
             def reference(q, k, v):
                 return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids)
@@ -175,9 +182,11 @@ def causal_flops(batch: int, seq: int, heads_q: int, head_dim: int) -> float:
 
 
 def make_impl(name: str, segment_ids=None):
-    if name == "hopper":
+    if name in ("hopper", "hopper-fused-dq"):
+        fused_dq = name == "hopper-fused-dq"
+
         def fn(q, k, v):
-            return flash_attention_hopper(q, k, v, causal=True, segment_ids=segment_ids)
+            return flash_attention_hopper(q, k, v, causal=True, segment_ids=segment_ids, fused_dq=fused_dq)
     elif name == "triton":
         def fn(q, k, v):
             return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
@@ -203,7 +212,7 @@ def speed(deadline: float, warmup: int, iters: int) -> list[dict[str, Any]]:
             segment_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, segments + 1, dtype=jnp.int32), seq // segments),
                                            (batch, seq))
             flops /= segments  # causal within each of the equal segments
-        impls = ("hopper", "triton") if segments else ("hopper", "cudnn", "triton")
+        impls = ("hopper", "hopper-fused-dq", "triton") if segments else ("hopper", "hopper-fused-dq", "cudnn", "triton")
         for impl in impls:
             row: dict[str, Any] = {"impl": impl, "model": model, "seq": seq, "batch": batch,
                                    "layout": f"{segments} packed" if segments else "one sequence per row"}
@@ -215,6 +224,8 @@ def speed(deadline: float, warmup: int, iters: int) -> list[dict[str, Any]]:
                 forward, fwd_bwd = make_impl(impl, segment_ids)
                 for part, fn, args, part_flops in (("fwd", forward, (q, k, v), flops),
                                                    ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops)):
+                    if part == "fwd" and impl == "hopper-fused-dq":
+                        continue  # the same forward kernel as "hopper"
                     record_timing(row, part, fn, args, part_flops, warmup, iters)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = short_error(exc)
@@ -225,14 +236,14 @@ def speed(deadline: float, warmup: int, iters: int) -> list[dict[str, Any]]:
 
 
 def print_speed_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'model':11} {'seq':>6} {'b':>2} {'layout':21} {'impl':7} {'fwd ms':>8} {'TF/s':>6} "
+    print(f"\n{'model':11} {'seq':>6} {'b':>2} {'layout':21} {'impl':15} {'fwd ms':>8} {'TF/s':>6} "
           f"{'f+b ms':>8} {'TF/s':>6}")
     for row in rows:
         def cell(part, key, fmt):
             value = row.get(f"{part}_{key}")
             return format(value, fmt) if value is not None else "-"
 
-        line = (f"{row['model']:11} {row['seq']:>6} {row['batch']:>2} {row['layout']:21} {row['impl']:7} "
+        line = (f"{row['model']:11} {row['seq']:>6} {row['batch']:>2} {row['layout']:21} {row['impl']:15} "
                 f"{cell('fwd', 'ms', '8.3f'):>8} {cell('fwd', 'tflops', '6.0f'):>6} "
                 f"{cell('fwd_bwd', 'ms', '8.3f'):>8} {cell('fwd_bwd', 'tflops', '6.0f'):>6}")
         errors = [row.get(key) for key in ("error", "fwd_error", "fwd_bwd_error") if row.get(key)]

@@ -108,6 +108,7 @@ class _Static:
     group: int
     has_segments: bool
     blocks: HopperBlocks
+    fused_dq: bool = False  # the dK/dV kernel also reduce-adds dQ (see _dkv_body); no dQ kernel
 
     @property
     def offset(self) -> int:
@@ -410,6 +411,9 @@ def _forward(static: _Static, q, k, v, segment_ids, table):
 # dK/dV: a CTA per (kv head, pair of key blocks, batch row); the producer streams Q, dO, lse,
 # delta (and query segment ids) over the group's query heads, so dK/dV sum the group in
 # registers and K/V are never repeated.
+# fused_dq (optional): the dK/dV kernel also forms scale * dS K per step and TMA-reduce-adds it
+# into a float32 dQ (FlashAttention-3), so the dQ kernel and its recomputed S and dP go; dQ is then
+# nondeterministic at rounding level (float32 adds in arrival order). See _backward_dkv_fused_dq.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -565,6 +569,10 @@ def _backward_dq(static: _Static, q, k, v, segment_ids, d_out, lse, delta, table
 
 
 def _dkv_body(table_ref, *refs, static: _Static, head_dim: int, dtype):
+    dq_acc_ref = None
+    if static.fused_dq:  # the float32 dQ accumulator (an aliased input Ref) sits before dk, dv
+        dq_acc_ref = refs[-4]
+        refs = refs[:-4] + refs[-3:]
     if static.has_segments:
         seg_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch = refs
     else:
@@ -638,6 +646,9 @@ def _dkv_body(table_ref, *refs, static: _Static, head_dim: int, dtype):
 
             dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
+            if dq_acc_ref is not None:
+                _reduce_dq_partial(static, scratch, wg, k_smem, d_logits_t.astype(dtype),
+                                   dq_acc_ref.at[batch, pl.ds(step * block_q, block_q), kv_head * group + g])
             return dk, dv
 
         def skip_fn(step, g):
@@ -696,6 +707,42 @@ def _dkv_body(table_ref, *refs, static: _Static, head_dim: int, dtype):
         _produce(group * steps_per_head, stages, [(scratch["consumed"], copies)])
 
 
+def _reduce_dq_partial(static: _Static, scratch, wg, k_smem, d_logits_t, dq_acc_target):
+    """fused_dq: dQ_partial = scale * dS K for this warpgroup's keys and the step's queries, added
+    into the float32 dQ accumulator in global memory by a TMA reduce-add (FlashAttention-3's dQ).
+    dS^T sits in registers as [keys, queries] (the A operand of dK = dS^T Q); dQ needs dS as
+    [queries, keys], so it goes through smem and the wgmma reads its transposed view."""
+    ds_smem, dq_smem = scratch["ds"].at[wg], scratch["dq"].at[wg]
+    ds_smem[...] = d_logits_t  # the previous step's dQ wgmma has completed (its result was read)
+    plgpu.commit_smem()
+
+    def compute_dq(acc_ref):
+        plgpu.wgmma(acc_ref, _t(ds_smem), k_smem)
+        return acc_ref[...]
+
+    block_q, head_dim = dq_smem.shape
+    dq_partial = pl.run_scoped(compute_dq, plgpu.ACC((block_q, head_dim), jnp.float32))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduce-add has read dq_smem
+    dq_smem[...] = dq_partial * static.scale
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_smem, dq_acc_target, reduction_op="add")
+
+
+def _run_mgpu_kernel(body, operands, *, out_type, scratch, grid, grid_names, kernel_name):
+    """plgpu.kernel without its custom_vmap wrapper, which rejects Ref operands (jax 0.10.2):
+    pl.kernel aliases a Ref operand in and out of the kernel (input_output_aliases), which is how
+    the fused-dQ accumulator starts at zero. Same mesh, scratch scoping and compiler params."""
+    thread_name = "wg"
+
+    def kernel_body(*refs):
+        pl.run_scoped(functools.partial(body, *refs), scratch, collective_axes=thread_name)
+
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=_COMPUTE_WGS + 1, thread_name=thread_name,
+                      kernel_name=kernel_name)
+    return pl.kernel(kernel_body, out_type=out_type, mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True),
+                     name=kernel_name)(*operands)
+
+
 def _backward_dkv(static: _Static, q, k, v, segment_ids, d_out, lse, delta, table):
     batch, seq_k_padded, heads_kv, head_dim = k.shape
     blocks = static.blocks
@@ -728,6 +775,8 @@ def _backward_dkv(static: _Static, q, k, v, segment_ids, d_out, lse, delta, tabl
         operands.append(segment_ids)
     operands += [q, k, v, d_out, lse, delta]
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    if static.fused_dq:
+        return _backward_dkv_fused_dq(static, q, operands, scratch, kv_type, num_tiles)
     return plgpu.kernel(
         functools.partial(_dkv_body, static=static, head_dim=head_dim, dtype=dtype),
         out_type=[kv_type, kv_type],
@@ -739,6 +788,41 @@ def _backward_dkv(static: _Static, q, k, v, segment_ids, d_out, lse, delta, tabl
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_attention_hopper_dkv",
     )(*operands)
+
+
+def _backward_dkv_fused_dq(static: _Static, q, operands, scratch, kv_type, num_tiles):
+    """The dK/dV kernel that also accumulates dQ: returns (dq in q.dtype, dk, dv).
+
+    Zeroing: kernel outputs are not initialised and no CTA can zero rows another CTA may already
+    be adding into, so the accumulator is a zeros array passed in as a Ref, which pl.kernel aliases
+    to an output (XLA's input_output_aliases): it is zero before the kernel starts.
+    Nondeterminism: the TMA reduce-adds of the CTAs (kv tiles, and both warpgroups of a CTA) reach
+    each dQ row in whatever order they complete, and float32 addition is not associative, so dQ
+    differs run to run at rounding level. That is why this is an option and not the default.
+    Shared memory on top of the dK/dV kernel: per consumer warpgroup a 16-bit dS tile
+    (block_kv x block_q) and a float32 dQ staging tile (block_q x d). At d=128 with the default
+    tiles: K, V 64 KiB + Q, dO ring 64 KiB + dS 16 KiB + dQ 64 KiB + lse/delta/ids ~2 KiB = 210 KiB
+    of the 227 KiB."""
+    batch, seq_q_padded, heads_q, head_dim = q.shape
+    blocks = static.blocks
+    block_q, block_kv = blocks.block_q_dkv, blocks.block_kv_dkv
+    scratch = scratch | {
+        "ds": _smem_tile((_COMPUTE_WGS, block_kv, block_q), q.dtype),
+        # float32 rows of 32 elements are 128 bytes: the 128-byte swizzle with (8, 32) tiles
+        "dq": plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), jnp.float32,
+                         transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+    }
+    dq_acc = jax.new_ref(jnp.zeros((batch, seq_q_padded, heads_q, head_dim), jnp.float32))
+    dk, dv = _run_mgpu_kernel(
+        functools.partial(_dkv_body, static=static, head_dim=head_dim, dtype=q.dtype),
+        [*operands, dq_acc],
+        out_type=[kv_type, kv_type],
+        scratch=scratch,
+        grid=(kv_type.shape[2], num_tiles, batch),
+        grid_names=("heads", "kv_seq", "batch"),
+        kernel_name="flash_attention_hopper_dkv_fused_dq",
+    )
+    return jax.freeze(dq_acc).astype(q.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -755,6 +839,9 @@ def _flash_bwd(static: _Static, residuals, d_out):
     q, k, v, segment_ids, dkv_table, dq_table, out, lse = residuals
     # delta = rowsum(dO * O): one fused XLA reduction reads O and dO once, as a kernel would.
     delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if static.fused_dq:
+        dq, dk, dv = _backward_dkv(static, q, k, v, segment_ids, d_out, lse, delta, dkv_table)
+        return dq, dk, dv, None, None, None, None
     dk, dv = _backward_dkv(static, q, k, v, segment_ids, d_out, lse, delta, dkv_table)
     dq = _backward_dq(static, q, k, v, segment_ids, d_out, lse, delta, dq_table)
     return dq, dk, dv, None, None, None, None
@@ -801,10 +888,15 @@ def flash_attention_hopper(
     segment_ids: Int[Array, "batch seq"] | None = None,
     scale: float | None = None,
     block_sizes: HopperBlocks | None = None,
+    fused_dq: bool = False,
 ) -> Float[Array, "batch seq_q heads_q head_dim"]:
     """Flash attention for sm90 GPUs with grouped-query heads and packed-row segment ids; same
     semantics as `attention_reference`. bfloat16 / float16 inputs, float32 accumulation, output in
-    q.dtype, differentiable in q, k, v. head_dim <= 128 (padded to 64 or 128)."""
+    q.dtype, differentiable in q, k, v. head_dim <= 128 (padded to 64 or 128).
+
+    fused_dq=True: the backward has no separate dQ kernel (which recomputes S and dP: 7 matmuls
+    instead of 5); the dK/dV kernel reduce-adds dQ into a float32 buffer instead. dQ is then
+    nondeterministic at float32 rounding level (the order of the adds varies run to run)."""
     _check_inputs(q, k, v, segment_ids)
     batch, seq_q, heads_q, head_dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
@@ -819,6 +911,7 @@ def flash_attention_hopper(
         group=heads_q // heads_kv,
         has_segments=segment_ids is not None,
         blocks=blocks,
+        fused_dq=fused_dq,
     )
     (q, k, v), segment_ids, (fwd_table, dkv_table, dq_table) = pad_and_plan(
         (q, k, v), segment_ids, static=static, head_dim_padded=head_dim_padded, q_multiple=blocks.q_multiple,

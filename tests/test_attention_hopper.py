@@ -14,6 +14,8 @@ import pytest
 from pallas_kernels.attention_hopper import flash_attention_hopper, hopper_attention_available
 
 KERNELS = {"flash_attention_hopper_forward", "flash_attention_hopper_dq", "flash_attention_hopper_dkv"}
+FUSED_KERNELS = {"flash_attention_hopper_forward", "flash_attention_hopper_dkv_fused_dq"}
+REDUCE_ADD = "cp.reduce.async.bulk.tensor"  # the PTX of a TMA reduce-add copy smem -> gmem
 
 # (name, batch, seq, heads_q, heads_kv, head_dim, dtype, causal, segments)
 CASES = [
@@ -25,11 +27,13 @@ CASES = [
 ]
 
 
-def exported_mlir(batch, seq, heads_q, heads_kv, head_dim, dtype, causal, segments) -> str:
+def exported_mlir(batch, seq, heads_q, heads_kv, head_dim, dtype, causal, segments, fused_dq=False) -> str:
     """Output and gradients of a scalar loss, exported for CUDA (ShapeDtypeStructs: nothing runs)."""
 
     def attend(q, k, v, segment_ids):
-        return flash_attention_hopper(q, k, v, causal=causal, segment_ids=segment_ids if segments else None)
+        return flash_attention_hopper(
+            q, k, v, causal=causal, segment_ids=segment_ids if segments else None, fused_dq=fused_dq
+        )
 
     def loss(q, k, v, segment_ids):
         return jnp.sum(jnp.square(attend(q, k, v, segment_ids).astype(jnp.float32)))
@@ -52,6 +56,28 @@ def test_forward_and_backward_lower_to_mosaic_gpu(case):
     mlir = exported_mlir(*shape)
     assert "stablehlo.custom_call @mosaic_gpu" in mlir
     assert set(re.findall(r"flash_attention_hopper_(?:forward|dq|dkv)\b", mlir)) == KERNELS
+    assert REDUCE_ADD not in mlir  # the default dQ is written once per tile, not reduce-added
+
+
+# fused_dq: causal, packed rows, GQA ratio 1 and 4, head_dim 64 and 128 (small: lowering only)
+FUSED_CASES = [
+    ("fused_gqa4_d128_packed", 1, 300, 8, 2, 128, jnp.bfloat16, True, True),
+    ("fused_gqa1_d64_packed_fp16", 2, 200, 2, 2, 64, jnp.float16, True, True),
+    ("fused_gqa4_d64_causal", 1, 130, 4, 1, 64, jnp.bfloat16, True, False),
+    ("fused_gqa1_d128_packed", 1, 257, 2, 2, 128, jnp.bfloat16, True, True),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_dq_backward_lowers_without_the_dq_kernel(case):
+    """fused_dq=True: the dK/dV kernel reduce-adds dQ into a zero-initialised float32 buffer
+    (aliased in and out of the kernel), and no separate dQ kernel is emitted."""
+    _, *shape = case
+    mlir = exported_mlir(*shape, fused_dq=True)
+    assert "stablehlo.custom_call @mosaic_gpu" in mlir
+    assert set(re.findall(r"flash_attention_hopper_(?:forward|dq|dkv|dkv_fused_dq)\b", mlir)) == FUSED_KERNELS
+    assert re.search(REDUCE_ADD + r"\.\dd\.global\.shared::cta\.add\b", mlir)
+    assert "output_operand_alias" in mlir  # the accumulator starts as the zeros passed in
 
 
 def test_float32_is_refused_with_a_pointer_to_the_triton_kernel():
