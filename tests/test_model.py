@@ -220,6 +220,35 @@ def test_checkpointing_modes_keep_what_they_promise():
         assert stacked_residual_floats("unsloth", "<host>") == hidden * batch * seq * layers
 
 
+def assert_same_loss_and_lora_grads(config, lora_config, checkpointing, want_ops, got_ops):
+    """Two OpsConfigs that change how the layers run, not what they compute: the decoder's loss and
+    every LoRA gradient agree to 1e-5 (float32), on random weights, random tokens and LoRA B moved off
+    its zero init (so that every LoRA gradient is non-trivial), with LoRA dropout's keys when it has any."""
+    from fastft_jax.lora import init_lora_params
+    from fastft_jax.model import decoder_hidden, random_params
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
+    lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
+    input_ids = jax.random.randint(jax.random.key(seed + 3), (2, 24), 0, config.vocab_size)
+
+    def loss_and_grads(ops_config):
+        def loss(lora):
+            hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
+                                    ops_config=ops_config, compute_dtype=jnp.float32,
+                                    gradient_checkpointing=checkpointing,
+                                    dropout_rng=jax.random.key(seed + 4) if lora_config.dropout else None)
+            return jnp.mean(hidden**2)
+
+        return jax.jit(jax.value_and_grad(loss))(lora)
+
+    want_loss, want_grads = loss_and_grads(want_ops)
+    got_loss, got_grads = loss_and_grads(got_ops)
+    assert relative_error(np.asarray(got_loss), np.asarray(want_loss)) <= 1e-5, f"seed {seed}"
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5, f"seed {seed}"
+
+
 @pytest.mark.parametrize(("unroll", "backward", "dropout"), [(0, "free", 0.1), (0, "tied", 0.0), (2, "tied", 0.1)])
 def test_unrolled_layers_equal_the_scan(unroll, backward, dropout):
     """kernels.layer_unroll changes how XLA loops over the layers, not what they compute: the loss
@@ -229,33 +258,13 @@ def test_unrolled_layers_equal_the_scan(unroll, backward, dropout):
 
     from convert.hf import PROJECTIONS, ModelConfig
     from fastft_jax import ops
-    from fastft_jax.lora import LoRAConfig, init_lora_params
-    from fastft_jax.model import decoder_hidden, random_params
+    from fastft_jax.lora import LoRAConfig
 
     config = ModelConfig("llama", 512, 256, 704, 3, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
     lora_config = LoRAConfig(r=8, alpha=8, dropout=dropout, target_modules=PROJECTIONS)
-    seed = int(np.random.default_rng().integers(1 << 30))
-    params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
-    # B starts at zero: give it values so that every LoRA gradient is non-trivial.
-    lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
-    input_ids = jax.random.randint(jax.random.key(seed + 3), (2, 24), 0, config.vocab_size)
     reference = ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES})
-
-    def loss_and_grads(ops_config):
-        def loss(lora):
-            hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
-                                    ops_config=ops_config, compute_dtype=jnp.float32, gradient_checkpointing="selective",
-                                    dropout_rng=jax.random.key(seed + 4) if dropout else None)
-            return jnp.mean(hidden**2)
-
-        return jax.value_and_grad(loss)(lora)
-
-    scan_loss, scan_grads = loss_and_grads(reference)
-    unrolled_loss, unrolled_grads = loss_and_grads(
-        dataclasses.replace(reference, layer_unroll=unroll, unrolled_backward=backward))
-    assert relative_error(np.asarray(unrolled_loss), np.asarray(scan_loss)) <= 1e-5
-    for got, want in zip(jax.tree.leaves(unrolled_grads), jax.tree.leaves(scan_grads), strict=True):
-        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+    assert_same_loss_and_lora_grads(config, lora_config, "selective", reference,
+                                    dataclasses.replace(reference, layer_unroll=unroll, unrolled_backward=backward))
 
 
 def test_unrolled_backward_must_be_a_mode():
@@ -347,31 +356,13 @@ def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing, dropout):
 
     from convert.hf import PROJECTIONS, ModelConfig
     from fastft_jax import ops
-    from fastft_jax.lora import LoRAConfig, init_lora_params
-    from fastft_jax.model import decoder_hidden, random_params
+    from fastft_jax.lora import LoRAConfig
 
     config = ModelConfig("qwen2", 512, 128, 256, 3, 4, 2, 32, 1e-6, 1e6, None, True, True, False, 4096)
     lora_config = LoRAConfig(r=8, alpha=16, dropout=dropout, target_modules=PROJECTIONS)
-    seed = int(np.random.default_rng().integers(1 << 30))
-    params, lora = random_params(config, seed, jnp.float32), init_lora_params(config, lora_config, seed + 1)
-    lora = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.key(seed + 2), leaf.shape), lora)
-    input_ids = jax.random.randint(jax.random.key(seed + 3), (2, 24), 0, config.vocab_size)
     sliced = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), mlp_tile_tokens=16)
-
-    def loss_and_grads(ops_config):
-        def loss(lora):
-            hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
-                                    ops_config=ops_config, compute_dtype=jnp.float32,
-                                    gradient_checkpointing=checkpointing, dropout_rng=jax.random.key(seed + 4))
-            return jnp.mean(hidden**2)
-
-        return jax.jit(jax.value_and_grad(loss))(lora)
-
-    want_loss, want_grads = loss_and_grads(sliced)
-    got_loss, got_grads = loss_and_grads(dataclasses.replace(sliced, layer_matmul="reference"))
-    assert relative_error(np.asarray(got_loss), np.asarray(want_loss)) <= 1e-5
-    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+    assert_same_loss_and_lora_grads(config, lora_config, checkpointing, sliced,
+                                    dataclasses.replace(sliced, layer_matmul="reference"))
 
 
 def test_in_place_layer_matmuls_lower_to_the_hopper_kernel():
