@@ -305,9 +305,9 @@ def markdown(summary: dict) -> str:
     ]
     if failures:
         lines += ["Failed runs: " + "; ".join(failures), ""]
-    if bisect_lines(summary):
-        lines += ["Bisection (bf16 runs, distance of each curve from the float32 reference's):", "",
-                  *bisect_lines(summary), ""]
+    bisection = bisect_lines(summary)
+    if bisection:
+        lines += ["Bisection (bf16 runs, distance of each curve from the float32 reference's):", "", *bisection, ""]
     for step_block in (table(summary),):
         lines += ["<details><summary>per-step losses</summary>", "", step_block, "", "</details>", ""]
     return "\n".join(lines)
@@ -375,8 +375,9 @@ def environment(argv: list[str]) -> dict:
 def report(summary: dict, args, log: Log) -> None:
     text = markdown(summary)
     log("\n" + table(summary))
-    if bisect_lines(summary):
-        log("\n" + "\n".join(bisect_lines(summary)))
+    bisection = bisect_lines(summary)
+    if bisection:
+        log("\n" + "\n".join(bisection))
     log("\n" + verdict_line(summary))
     if args.results_md:
         append_results_md(args.results_md, text, log)
