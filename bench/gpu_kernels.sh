@@ -22,7 +22,8 @@
 #   scan-flags(250: llama3-8b "selective" layer scan under three XLA flag sets for the slice copies)
 #   e2e-hopper(240: llama3-8b "selective" padded and packed rows, default attention against hopper)
 #   stacked-gemm-check(250: bench/stacked_matmul_hopper_check.py, the Mosaic GPU GEMM on stacked weights)
-#   e2e-stacked(200: llama3-8b "selective" steps, kernels.layer_matmul slice against hopper) decode-exp(330: bench/decode_kernels.py, then batch-1
+#   e2e-stacked(200: llama3-8b "selective" steps, kernels.layer_matmul slice against hopper)
+#   e2e-stacked-profile(240: the same, 3 timed and 2 traced steps each, the per-kernel split as JSON) decode-exp(330: bench/decode_kernels.py, then batch-1
 #   decode with the layer loop against the straight-line step, each with and without grouped projections) offload(200: llama3-8b True against
 #   "unsloth" at the same MLP tiles, and how much of the host-copy time the step hides)
 #   decode-hf(200: batch 1 and 32 at the defaults, against transformers' generate)
@@ -61,7 +62,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; lora-ab-flags) echo 250 ;; loss-parity-qlora) echo 540 ;; loss-parity-hopper) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; e2e-stacked-profile) echo 240 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -172,6 +173,15 @@ for part in $parts; do
         echo "== $variant" >> "$log"
         timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
           --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/$variant" >> "$log" 2>&1
+      done ;;
+    e2e-stacked-profile)  # e2e-stacked with two traced steps each: where the in-place path's time goes.
+      # The traces stay on the card; their per-kernel split (80 kernels) comes back as JSON.
+      for variant in slice hopper; do
+        echo "== $variant" >> "$log"
+        timeout 115 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 3 --warmup 1 \
+          --deadline 110 --config-timeout 105 --ops layer_matmul=$variant --profile --out "$dir/$variant" >> "$log" 2>&1
+        python3 bench/profile_summary.py "$dir/$variant/profile" --top 80 --json "$dir/$variant/profile_top80.json" >> "$log" 2>&1
+        rm -rf "$dir/$variant/profile"
       done ;;
     hopper-check)  # the Mosaic GPU (sm90) flash attention: correctness against the reference, then speed beside cuDNN
       OUT="$dir" timeout $limit python3 bench/attention_hopper_check.py --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
