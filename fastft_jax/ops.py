@@ -110,6 +110,7 @@ UNROLLED_BACKWARD_MODES = ("free", "tied")
 # before cuBLAS reads it: ~11 % of a Llama-3-8B step on an H200); "hopper": the Mosaic GPU GEMM of
 # pallas_kernels/stacked_matmul_hopper.py reads the layer in place (sm90 only); "reference": the same
 # in-place plumbing with a dynamic slice and jnp.dot (tests); "auto": OpsConfig.layer_matmul_mode.
+# QLoRA's dequantized weights take the same GEMM, as a stack of one layer (_one_layer).
 LAYER_MATMUL_MODES = ("auto", "slice", "hopper", "reference")
 # What layer_matmul="auto" takes on an sm90 GPU once a whole step has measured it faster: "hopper".
 # False: its first whole step (H200, seventh session) ran 11,701 tok/s against the slices' 13,941,
@@ -481,6 +482,12 @@ def quantized_linear(
     return _quantized_linear_2d(x.reshape(-1, d_in), kernel, cfg).reshape(*x.shape[:-1], d_out)
 
 
+def _one_layer(weight_hf: Array) -> StackedKernel:
+    """A dequantized [out, in] weight as a stack of one: the layer_matmul GEMMs (the Mosaic GEMM's
+    epilogue addend on sm90) then serve QLoRA too. Its x @ W is the transposed product."""
+    return StackedKernel(weight_hf[None], jnp.zeros((), jnp.int32))
+
+
 def _frozen_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     # The same roundings as lora_linear_reference: x'@a rounded to the activation dtype.
     dtype = x2d.dtype
@@ -488,9 +495,8 @@ def _frozen_lora_forward(x2d, x_lora2d, kernel, a, b, scale, cfg):
     if isinstance(kernel, StackedKernel):
         return _stacked_product(x2d, kernel, cfg, low=(x_a, b.astype(dtype), scale)), x_a
     if x2d.shape[0] > FUSED_DEQUANT_MAX_ROWS:  # dequantize, then the same GEMM + epilogue as 16-bit LoRA
-        # W_hf.T: folded into the GEMM, as in _quantized_base.
         weight_hf, x2d = _dequantize_after(kernel, x2d, dtype, cfg)
-        out = lora_linear_kernels.base_plus_low_rank(x2d, weight_hf.T, x_a, b.astype(dtype), scale)
+        out = _stacked_product(x2d, _one_layer(weight_hf), cfg, transpose=True, low=(x_a, b.astype(dtype), scale))
         return out, x_a
     base = _quantized_base(x2d, kernel, cfg)
     lora = jnp.dot(x_a, b.astype(dtype), preferred_element_type=jnp.float32)
@@ -515,14 +521,12 @@ def _frozen_lora_grads(scale, cfg, saved, g, separate_dx_lora: bool):
     da = jax.lax.dot_general(x_lora2d, d_x_a, contract_rows, preferred_element_type=jnp.float32)
     a_t = a.astype(dtype).T
     if isinstance(kernel, StackedKernel):
-        # With dropout the rank-r term belongs to x', not x: dx' is its own thin GEMM below.
-        dx = _stacked_product(g, kernel, cfg, transpose=True, low=None if separate_dx_lora else (d_x_a, a_t, 1.0))
+        frozen, transpose = kernel, True
     else:
         weight_hf, g = _dequantize_after(kernel, g, dtype, cfg)
-        if not separate_dx_lora:
-            dx = lora_linear_kernels.base_plus_low_rank(g, weight_hf, d_x_a, a_t, 1.0)
-        else:
-            dx = jnp.dot(g, weight_hf, preferred_element_type=dtype)
+        frozen, transpose = _one_layer(weight_hf), False
+    # With dropout the rank-r term belongs to x', not x: dx' is its own thin GEMM below.
+    dx = _stacked_product(g, frozen, cfg, transpose=transpose, low=None if separate_dx_lora else (d_x_a, a_t, 1.0))
     if not separate_dx_lora:
         return dx, None, da.astype(a.dtype), db.astype(b.dtype)
     dx_lora = jnp.dot(d_x_a, a_t, preferred_element_type=dtype)

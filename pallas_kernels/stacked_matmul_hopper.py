@@ -303,6 +303,12 @@ def _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w: bool):
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="stacked_matmul_hopper" + ("_t" if transpose_w else "") + ("_addend" if addends else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack, *addends)
+    # The barrier keeps XLA from cloning this GEMM. Inside the layer scan a checkpointed output is
+    # also written into the scan's residual stack (a dynamic-update-slice), and XLA:GPU's dynamic-
+    # slice fusion gave that write its own copy of the custom call rather than reuse this one: a
+    # Llama-3-8B "selective" step ran 13 forward GEMMs a layer instead of 7 (H200, eighth session,
+    # bench/RESULTS.md). Behind the barrier the write is an ordinary copy of the output.
+    out = jax.lax.optimization_barrier(out)
     return out[:tokens] if tokens_padded != tokens else out
 
 

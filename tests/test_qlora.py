@@ -186,6 +186,27 @@ def test_training_path_writes_no_in_out_copy_of_the_weight():
     assert any(transposed.search(line) for line in copy_hlo.splitlines())
 
 
+def test_qlora_gemms_lower_to_the_hopper_kernel_with_layer_matmul_hopper():
+    """kernels.layer_matmul="hopper" also serves QLoRA: the dequantized [out, in] weight, as a stack
+    of one layer, meets x in the Mosaic GPU GEMM's transposed orientation in the forward and g in
+    its plain one in the backward, each with the adapter's term as the epilogue addend (the CUDA
+    export, read on the CPU)."""
+    import collections
+    import re
+
+    kernel = quant.quantize_nf4(jnp.asarray(np.random.default_rng(0).standard_normal((256, 512)), jnp.float32))
+    cfg = dataclasses.replace(REFERENCE, dequant="reference", layer_matmul="hopper")
+    x = jax.ShapeDtypeStruct((128, 512), jnp.bfloat16)
+    a, b = jax.ShapeDtypeStruct((512, 8), jnp.float32), jax.ShapeDtypeStruct((8, 256), jnp.float32)
+
+    def loss(x, a, b, kernel):
+        return jnp.sum(ops.lora_linear(x, kernel, a, b, 2.0, cfg).astype(jnp.float32) ** 2)
+
+    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"])(x, a, b, kernel).mlir_module()
+    kernels = collections.Counter(re.findall(r"stacked_matmul_hopper\w*_mosaic_gpu", text))
+    assert kernels == {"stacked_matmul_hopper_t_addend_mosaic_gpu": 1, "stacked_matmul_hopper_addend_mosaic_gpu": 1}
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_no_16bit_copy_of_a_frozen_weight_is_saved(tiny_checkpoints, checkpointing):
     """Whatever the backward keeps of the base is the quantized arrays, never a dequantized kernel."""
