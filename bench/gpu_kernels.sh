@@ -62,7 +62,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; lora-ab-flags) echo 250 ;; loss-parity-qlora) echo 540 ;; loss-parity-hopper) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; e2e-stacked-profile) echo 240 ;; stacked-hlo) echo 200 ;; hopper-ab) echo 520 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; e2e-stacked-profile) echo 240 ;; stacked-hlo) echo 200 ;; hopper-ab) echo 520 ;; loss-parity-short) echo 300 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -240,6 +240,9 @@ for part in $parts; do
         timeout 118 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 \
           --warmup 1 --deadline 110 --config-timeout 105 --xla-flags="$flags" --out "$dir/llama${flags:+-triton-any}" >> "$log" 2>&1
       done ;;
+    loss-parity-short)  # loss-parity's verdicts over 25 steps (10 exact), for a call with ~5 device minutes left
+      timeout $limit python3 bench/loss_parity.py --steps 25 --exact-steps 10 --deadline $(( limit - 15 )) --out "$dir" \
+        > "$log" 2>&1 ;;
     loss-parity-qlora)  # the same verdicts with every run on NF4 weights (QLoRA)
       timeout $limit python3 bench/loss_parity.py --load-in-4bit --deadline $(( limit - 20 )) --out "$dir" \
         > "$log" 2>&1 ;;

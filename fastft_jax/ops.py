@@ -112,10 +112,12 @@ UNROLLED_BACKWARD_MODES = ("free", "tied")
 # in-place plumbing with a dynamic slice and jnp.dot (tests); "auto": OpsConfig.layer_matmul_mode.
 # QLoRA's dequantized weights take the same GEMM, as a stack of one layer (_one_layer).
 LAYER_MATMUL_MODES = ("auto", "slice", "hopper", "reference")
-# What layer_matmul="auto" takes on an sm90 GPU once a whole step has measured it faster: "hopper".
-# False: its first whole step (H200, seventh session) ran 11,701 tok/s against the slices' 13,941,
-# through autodiff; the custom_vjp written since has not run on a GPU.
-HOPPER_LAYER_MATMUL_IN_AUTO = False
+# Whether layer_matmul="auto" takes "hopper" on an sm90 GPU. On, since its whole steps beat the
+# slices in one H200 call (eighth session, bench/RESULTS.md): llama3-8b "selective" 15,003 against
+# 14,043 tok/s, "unsloth" 11,616 tok/s at 16.15 GiB (10,249 at 17.05 sliced), qwen2.5-1.5b 53,540
+# (48,536), QLoRA 10,663 at 6.79 GiB (9,699 at 7.20): no slice copies, and the adapter's term added
+# in the GEMM's epilogue instead of a float32 [tokens, out] product.
+HOPPER_LAYER_MATMUL_IN_AUTO = True
 
 
 @jax.tree_util.register_dataclass
@@ -216,10 +218,11 @@ class OpsConfig:
 
     def layer_matmul_mode(self) -> str:
         """layer_matmul with "auto" resolved: "hopper" on an sm90 GPU where HOPPER_LAYER_MATMUL_IN_AUTO
-        allows it, else "slice"."""
+        allows it, else "slice". With the LoRA matmuls on their reference (kernels off, the path
+        every kernel is checked against) "auto" slices too."""
         if self.layer_matmul != "auto":
             return self.layer_matmul
-        if HOPPER_LAYER_MATMUL_IN_AUTO:
+        if HOPPER_LAYER_MATMUL_IN_AUTO and self.lora_linear != "reference":
             from pallas_kernels._common import is_sm90_gpu
 
             if is_sm90_gpu():
@@ -326,7 +329,8 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
     # must divide the kernel in both orientations (the backward's dx runs it transposed): every
     # Llama/Qwen size does; a kernel that does not also takes the slice.
     fits = d_in % 128 == 0 and d_out % 128 == 0
-    if cfg.layer_matmul_mode() == "hopper" and kernel.stack.dtype == dtype and fits:
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # float32 runs slice
+    if cfg.layer_matmul_mode() == "hopper" and kernel.stack.dtype == dtype and sixteen_bit and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
         addend = None

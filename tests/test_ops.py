@@ -1,5 +1,6 @@
 """fastft_jax.ops' choices: FASTFT_KERNELS parsing and the automatic attention choice."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -52,3 +53,16 @@ def test_auto_layer_matmul(monkeypatch, enabled, sm90, expected):
     monkeypatch.setattr(_common, "is_sm90_gpu", lambda: sm90)
     assert ops.OpsConfig().layer_matmul_mode() == expected
     assert ops.OpsConfig(layer_matmul="reference").layer_matmul_mode() == "reference"  # explicit choices stay
+    assert ops.OpsConfig(lora_linear="reference").layer_matmul_mode() == "slice"  # kernels off: no Mosaic GEMM
+
+
+def test_float32_in_place_layer_matmul_takes_the_slice():
+    """The Mosaic GEMM is 16-bit only: a float32 run with layer_matmul="hopper" (what "auto" picks on
+    an sm90 GPU) traces through the sliced product instead of raising."""
+    stack = jax.ShapeDtypeStruct((2, 256, 128), jnp.float32)
+    x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+    a, b = jax.ShapeDtypeStruct((256, 8), jnp.float32), jax.ShapeDtypeStruct((8, 128), jnp.float32)
+    cfg = ops.OpsConfig(layer_matmul="hopper")
+    out = jax.eval_shape(lambda stack, x, a, b: ops.lora_linear(x, ops.StackedKernel(stack, jnp.int32(1)), a, b, 2.0, cfg),
+                         stack, x, a, b)
+    assert out.shape == (64, 128) and out.dtype == jnp.float32
