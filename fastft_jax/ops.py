@@ -49,7 +49,8 @@ GPU_AUTO_CHOICE: dict[str, str] = {
     # The kernel file's custom_vjp on cuBLAS, base + adapter rounded once as the reference does:
     # llama3-8b "selective" step 13,941 tok/s against 13,284 with the Pallas epilogue (H200, seventh
     # session). "xla_rounded_base" (PEFT's order, 14,564) drops a young adapter's sub-ulp term and
-    # failed loss parity 20x, so it is opt-in only.
+    # failed loss parity 20x, so it is opt-in only. On sm90 the decoder's projections inside the layer
+    # scan (and QLoRA's) take layer_matmul's Mosaic GEMM instead (HOPPER_LAYER_MATMUL_IN_AUTO).
     "lora_linear": "xla",
     "cross_entropy": "pallas",  # the kernel file's chunked scan: 0.54x the reference's time, 1/6 of its memory
     "attention": "auto",  # resolved per call: cuDNN without segment ids, the flash kernel with them
