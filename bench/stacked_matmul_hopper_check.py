@@ -19,12 +19,27 @@
     then cast, and against ours without an addend (the epilogue's cost).
     Then a lax.scan over 32 layers of x -> x @ W[i] (4096 x 4096, 4096 tokens), forward and
     forward+backward (dx), ours against jnp.dot of the scan's slice, so the per-layer copy shows.
+(c) The low-rank term, x @ W + L @ R (low=(L, R), r = 16, the rank-r product in the GEMM's own
+    accumulator), for the four Llama-3-8B shapes, both orientations (the LoRA forward, and its dx
+    with low = (dx a, a^T)). Correctness at 4096 and 1000 tokens against the float32 x @ W + L @ R
+    rounded once: max error in ulps of the 16-bit output (at most 1: one rounding of a float32 sum
+    whose own accumulation error is far below an ulp; near-zero outputs count in ulps of rms/256),
+    the share of outputs bit-identical to the rounded float32 reference, and for 4096 x 4096 at
+    4096 tokens the tiny-term check (L @ R = 2**-10 everywhere, kept fraction ~1). Speed at 4096
+    tokens: ours with low against the path the model takes today, XLA's thin GEMM that builds the
+    scaled [tokens, d_y] addend plus ours with that addend (the real comparison), against XLA's
+    exact path (cuBLAS on the static slice in float32 + the scaled low product, rounded once), and
+    against ours with no term at all. The low correctness rows run first of all in (a), before
+    the addend's.
 
 Run from the repository root on the GPU machine: python bench/stacked_matmul_hopper_check.py
   --deadline S   skip the cases left after S seconds (default 110)
   --skip-speed   correctness only
   --skip-correctness   speed only (24 of 25 cases passed on an H200, seventh session; their compiles
                  took the whole 230 s part, so its speed rows never ran)
+  --only low     only the low-rank rows of (c) (with --skip-speed / --skip-correctness as above);
+                 the 16 correctness rows and 8 speed rows compile some 40 programs: give it
+                 --deadline 480 in a 600 s call, or run the two parts in separate calls
 Writes $OUT/stacked_matmul_hopper.json when OUT is set (rewritten after every row).
 """
 
@@ -47,6 +62,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.timing import gpu_check_args, record_timing, short_error  # noqa: E402
+from pallas_kernels.lora_linear import base_plus_low_rank  # noqa: E402
 from pallas_kernels.stacked_matmul_hopper import (  # noqa: E402
     available,
     choose_tiles,
@@ -76,6 +92,12 @@ ADDEND_TOKENS = (4096, 1000)
 # x @ W rounded first only the smaller outputs keep it (~0.3 on a CPU sample).
 TINY_ADDEND = 2.0**-10
 TINY_KEPT_TOLERANCE = 0.05  # |mean kept fraction - 1|, far from the ~0.3 of rounding x @ W first
+# The low-rank rows: LoRA's usual rank, and a scale alpha / r = 32 / 16 folded into low_rhs (as the
+# caller does) for the speed rows; the correctness rows pass L and R as they are.
+LOW_RANK = 16
+LORA_SCALE = 2.0
+LOW_TOKENS = (4096, 1000)
+LOW_MAX_ULPS = 1.0
 
 RESULTS: dict[str, Any] = {}
 
@@ -165,6 +187,91 @@ def _xla_addend(transpose_w: bool):
         x, w_stack, layer, transpose_w, addend=addend))
 
 
+@functools.cache
+def _ours_low(transpose_w: bool):
+    return jax.jit(lambda x, w_stack, layer, low_lhs, low_rhs: stacked_matmul_hopper(
+        x, w_stack, layer, transpose_w=transpose_w, low=(low_lhs, low_rhs)))
+
+
+@functools.cache
+def _float32_reference_low(transpose_w: bool):
+    """float32 x @ W + L @ R (HIGHEST: true float32 products, no TF32), not rounded."""
+    return jax.jit(lambda x, w_stack, layer, low_lhs, low_rhs: _float32_reference(transpose_w)(x, w_stack, layer)
+                   + jnp.dot(low_lhs.astype(jnp.float32), low_rhs.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST))
+
+
+@functools.cache
+def _xla_low(transpose_w: bool):
+    """XLA's one rounding: stacked_matmul_reference with low (the tiny term's control)."""
+    return jax.jit(lambda x, w_stack, layer, low_lhs, low_rhs: stacked_matmul_reference(
+        x, w_stack, layer, transpose_w, low=(low_lhs, low_rhs)))
+
+
+def ulp_errors(got, reference_f32, dtype) -> dict[str, float]:
+    """|got - reference| in ulps of the 16-bit dtype at the reference's magnitude (floored at
+    rms/256, so an output that is ~0 is not judged in ulps of a tiny number, where the float32
+    sums' own accumulation error would dominate), and the share of outputs equal to the reference
+    rounded once."""
+    reference = np.asarray(reference_f32, np.float64)
+    got64 = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    if not np.all(np.isfinite(got64)):
+        return {"max_ulps": float("nan"), "identical_fraction": float("nan")}
+    floor = np.sqrt(np.mean(np.square(reference))) / 256
+    magnitude = np.maximum(np.abs(reference), floor)
+    ulp = np.exp2(np.floor(np.log2(magnitude)) - jnp.finfo(dtype).nmant)
+    rounded = np.asarray(jnp.asarray(reference_f32, dtype).astype(jnp.float32), np.float64)
+    return {"max_ulps": float(np.max(np.abs(got64 - reference) / ulp)),
+            "identical_fraction": float(np.mean(got64 == rounded))}
+
+
+def low_correctness(rows: list, deadline: float) -> None:
+    seed = 700
+    for tokens in LOW_TOKENS:
+        for d_in, d_out in MODEL_SHAPES["llama3-8b"]:
+            for transpose_w in (False, True):
+                seed += 1
+                name = (f"low r={LOW_RANK} llama3-8b {d_in}x{d_out}{' T' if transpose_w else ''} tokens={tokens} "
+                        "bfloat16")
+                row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out,
+                                       "transpose_w": transpose_w, "dtype": "bfloat16", "low_rank": LOW_RANK}
+
+                def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, seed=seed, tokens=tokens):
+                    w_stack = random_stack(seed, LAYERS, d_in, d_out, BF16)
+                    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+                    x = random_x(seed + 1000, tokens, d_x, BF16)
+                    low_lhs = random_x(seed + 2000, tokens, LOW_RANK, BF16)  # L @ R O(1), as x @ W
+                    low_rhs = (random_x(seed + 3000, LOW_RANK, d_y, jnp.float32) / np.sqrt(LOW_RANK)).astype(BF16)
+                    layer = jnp.int32(2)
+                    got = _ours_low(transpose_w)(x, w_stack, layer, low_lhs, low_rhs)
+                    reference = _float32_reference_low(transpose_w)
+                    want = reference(x, w_stack, layer, low_lhs, low_rhs)
+                    row["rel_err"] = relative_norm(got, want)
+                    row["rel_err_vs_layer_1"] = relative_norm(got, reference(x, w_stack, 1, low_lhs, low_rhs))
+                    row["rel_err_vs_no_low"] = relative_norm(got, _float32_reference(transpose_w)(x, w_stack, layer))
+                    row |= ulp_errors(got, want, BF16)
+                    passed = row["rel_err"] <= TOLERANCE and row["max_ulps"] <= LOW_MAX_ULPS
+                    if (d_in, d_out, tokens) == (4096, 4096, 4096):
+                        # L @ R = 16 * 2**-14 = 2**-10 exactly, in every output
+                        ones = jnp.ones((tokens, LOW_RANK), BF16)
+                        tiny_rhs = jnp.full((LOW_RANK, d_y), TINY_ADDEND / LOW_RANK, BF16)
+                        without = _ours(transpose_w)(x, w_stack, layer)
+                        row["tiny_low_kept"] = kept_fraction(_ours_low(transpose_w)(x, w_stack, layer, ones, tiny_rhs),
+                                                             without, TINY_ADDEND)
+                        row["tiny_low_kept_xla"] = kept_fraction(
+                            _xla_low(transpose_w)(x, w_stack, layer, ones, tiny_rhs),
+                            stacked_matmul_reference(x, w_stack, layer, transpose_w), TINY_ADDEND)
+                        passed = passed and abs(row["tiny_low_kept"] - 1) <= TINY_KEPT_TOLERANCE
+                    row["status"] = "PASS" if passed else "FAIL"
+
+                guarded(rows, row, deadline, body)
+                detail = row.get("error") or (f"{row.get('rel_err', float('nan')):.2e}, max "
+                                              f"{row.get('max_ulps', float('nan')):.3f} ulp, identical "
+                                              f"{row.get('identical_fraction', float('nan')):.4f}")
+                kept = f", tiny term kept {row['tiny_low_kept']:.3f}" if "tiny_low_kept" in row else ""
+                print(f"{row['status']:5} {name}: {detail}{kept}", flush=True)
+
+
 def kept_fraction(with_addend, without_addend, addend_value: float) -> float:
     """mean(y + a rounded - y rounded) / a for a constant a: the share of the addend the output
     keeps on average (over outputs spread across many ulps, rounding once keeps all of it in
@@ -213,9 +320,13 @@ def addend_correctness(rows: list, deadline: float) -> None:
                       f"{kept}", flush=True)
 
 
-def correctness(deadline: float) -> list[dict[str, Any]]:
+def correctness(deadline: float, only: str | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     RESULTS["correctness"] = rows
+    if only == "low":
+        low_correctness(rows, deadline)
+        return rows
+    low_correctness(rows, deadline)
     addend_correctness(rows, deadline)
     seed = 0
     for model, shapes in MODEL_SHAPES.items():
@@ -391,6 +502,56 @@ def addend_speed_rows(tokens: int, deadline: float, warmup: int, iters: int, row
         guarded(rows, row, deadline, body)
 
 
+def low_speed_rows(tokens: int, deadline: float, warmup: int, iters: int, rows: list) -> None:
+    """x @ W + scale * L @ R rounded once, both orientations (the forward's (x a, b) and dx's
+    (dx a, a^T)), r = 16: the low-rank term in the kernel against what the model runs today."""
+    for d_in, d_out in MODEL_SHAPES["llama3-8b"]:
+        for transpose_w in (False, True):
+            name = f"speed+low llama3-8b {d_in}x{d_out}{' T' if transpose_w else ''} tokens={tokens}"
+            row: dict[str, Any] = {"case": name, "tokens": tokens, "d_in": d_in, "d_out": d_out,
+                                   "transpose_w": transpose_w, "low_rank": LOW_RANK}
+            flops = 2.0 * tokens * d_in * d_out  # the base product's; the rank-16 term adds 0.4-1.6 %
+
+            def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, flops=flops):
+                w_stack = random_stack(d_in + d_out, LAYERS, d_in, d_out, BF16)
+                d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+                x = random_x(tokens, tokens, d_x, BF16)
+                low_lhs = random_x(tokens + 1, tokens, LOW_RANK, BF16)
+                low_rhs = (random_x(tokens + 2, LOW_RANK, d_y, jnp.float32) / np.sqrt(LOW_RANK)).astype(BF16)
+                layer = jnp.int32(3)
+
+                def ours_low(x, w_stack, layer, low_lhs, low_rhs):
+                    scaled_rhs = (LORA_SCALE * low_rhs.astype(jnp.float32)).astype(low_rhs.dtype)  # the caller's fold
+                    return stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w, low=(low_lhs, scaled_rhs))
+
+                def ours_addend_with_its_gemm(x, w_stack, layer, low_lhs, low_rhs):
+                    addend = (LORA_SCALE * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)).astype(x.dtype)
+                    return stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w, addend=addend)
+
+                def xla_exact_static_slice(x, w_stack, layer, low_lhs, low_rhs):
+                    del layer
+                    weight = w_stack[3].T if transpose_w else w_stack[3]
+                    return base_plus_low_rank(x, weight, low_lhs, low_rhs, LORA_SCALE)
+
+                def ours_no_low(x, w_stack, layer, low_lhs, low_rhs):
+                    del low_lhs, low_rhs
+                    return stacked_matmul_hopper(x, w_stack, layer, transpose_w=transpose_w)
+
+                impls = {"ours_low": ours_low, "ours_addend": ours_addend_with_its_gemm,
+                         "xla_exact_static_slice": xla_exact_static_slice, "ours_no_low": ours_no_low}
+                impls = {impl: jax.jit(fn) for impl, fn in impls.items()}
+                args = (x, w_stack, layer, low_lhs, low_rhs)
+                row["rel_err_low_vs_addend"] = relative_norm(impls["ours_low"](*args), impls["ours_addend"](*args))
+                for impl, fn in impls.items():
+                    record_timing(row, impl, fn, args, flops, warmup, iters)
+                time_ratio(row, "low_over_addend", "ours_low", "ours_addend")
+                time_ratio(row, "low_over_xla", "ours_low", "xla_exact_static_slice")
+                time_ratio(row, "low_over_no_low", "ours_low", "ours_no_low")
+                row["status"] = "OK"
+
+            guarded(rows, row, deadline, body)
+
+
 def scan_rows(deadline: float, warmup: int, iters: int, rows: list, layers: int = 32, tokens: int = 4096) -> None:
     """x -> x @ W[i] for 32 layers of 4096 x 4096 in a lax.scan: ours reads W[i] in place, XLA's
     dot reads a copy of the scan's slice (and copies again in the backward)."""
@@ -442,6 +603,15 @@ def print_tables(checks: list, speeds: list) -> None:
         other = row.get("rel_err_vs_layer_1")
         print(f"{row['case']:66} {format(rel, '9.2e') if rel is not None else '-':>9} "
               f"{format(other, '10.2e') if other is not None else '-':>10} {row['status']} {row.get('error', '')[:100]}")
+    low_rows = [row for row in checks if row.get("low_rank")]
+    if low_rows:
+        print(f"\n{'x @ W + L @ R, rounded once':66} {'max ulp':>8} {'identical':>9} {'tiny kept':>9} "
+              f"{'xla kept':>8}")
+        for row in low_rows:
+            cells = [format(row[key], fmt) if row.get(key) is not None else "-" for key, fmt in (
+                ("max_ulps", "8.3f"), ("identical_fraction", "9.4f"), ("tiny_low_kept", "9.3f"),
+                ("tiny_low_kept_xla", "8.3f"))]
+            print(f"{row['case']:66} {cells[0]:>8} {cells[1]:>9} {cells[2]:>9} {cells[3]:>8} {row['status']}")
     for row in checks:
         if "tiny_addend_kept" in row:
             print(f"  tiny addend {TINY_ADDEND:g} kept on average, {row['case']}: ours {row['tiny_addend_kept']:.3f}, "
@@ -451,6 +621,8 @@ def print_tables(checks: list, speeds: list) -> None:
 
     def table(title: str, keep, columns: list[tuple[str, str, str]]) -> None:
         """One table of the speed rows keep() selects: columns are (header, row key, format)."""
+        if not any(keep(row["case"]) for row in speeds):
+            return
         widths = [max(len(header), int(fmt.split(".")[0])) for header, _, fmt in columns]
         print(f"\n{title:50} " + " ".join(f"{header:>{width}}" for (header, _, _), width in zip(columns, widths)))
         for row in speeds:
@@ -460,7 +632,7 @@ def print_tables(checks: list, speeds: list) -> None:
             print(f"{row['case']:50} " + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths))
                   + f" {row.get('error', '')[:80]}")
 
-    table("speed case", lambda case: not case.startswith(("scan", "speed+addend")), [
+    table("speed case", lambda case: not case.startswith(("scan", "speed+addend", "speed+low")), [
         ("ours ms", "ours_ms", "8.3f"), ("TF/s", "ours_tflops", "5.0f"), ("static", "xla_static_slice_ms", "8.3f"),
         ("TF/s", "xla_static_slice_tflops", "5.0f"), ("dynamic", "xla_dynamic_slice_ms", "8.3f"),
         ("TF/s", "xla_dynamic_slice_tflops", "5.0f"), ("ours/st", "ours_over_static", "7.3f"),
@@ -474,12 +646,29 @@ def print_tables(checks: list, speeds: list) -> None:
         ("xla ms", "xla_static_slice_addend_ms", "8.3f"), ("TF/s", "xla_static_slice_addend_tflops", "5.0f"),
         ("ours/xla", "ours_over_xla", "8.3f"), ("no-add ms", "ours_no_addend_ms", "9.3f"),
         ("add/no-add", "addend_over_no_addend", "10.3f")])
+    table("x @ W + 2 L @ R (r=16), rounded once", lambda case: case.startswith("speed+low"), [
+        ("low ms", "ours_low_ms", "8.3f"), ("TF/s", "ours_low_tflops", "5.0f"),
+        ("addend+gemm", "ours_addend_ms", "11.3f"), ("xla exact", "xla_exact_static_slice_ms", "9.3f"),
+        ("no-low ms", "ours_no_low_ms", "9.3f"), ("low/addend", "low_over_addend", "10.3f"),
+        ("low/xla", "low_over_xla", "7.3f"), ("low/no-low", "low_over_no_low", "10.3f")])
     table("scan case", lambda case: case.startswith("scan"), [
         ("ours ms", "ours_ms", "8.2f"), ("/layer", "ours_ms_per_layer", "7.3f"), ("TF/s", "ours_tflops", "5.0f"),
         ("xla ms", "xla_scan_slice_ms", "8.2f"), ("/layer", "xla_scan_slice_ms_per_layer", "7.3f"),
         ("TF/s", "xla_scan_slice_tflops", "5.0f"), ("ours/xla", "ours_over_xla", "8.3f")])
 
+def pop_only_option() -> str | None:
+    """--only low, taken off sys.argv before bench.timing's shared options are parsed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--only", choices=["low"], default=None)
+    known, rest = parser.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    return known.only
+
+
 def main() -> None:
+    only = pop_only_option()
     args, deadline = gpu_check_args(__doc__.splitlines()[0])
 
     env: dict[str, Any] = {"jax": jax.__version__, "backend": jax.default_backend(),
@@ -492,17 +681,21 @@ def main() -> None:
         print("no sm90 GPU here: stacked_matmul_hopper cannot run; nothing measured")
         return
 
-    checks = [] if args.skip_correctness else correctness(deadline)
+    checks = [] if args.skip_correctness else correctness(deadline, only)
     passed = sum(row["status"] == "PASS" for row in checks)
     print(f"correctness: {passed}/{len(checks)} PASS", flush=True)
     speeds: list[dict[str, Any]] = []
     if not args.skip_speed:
         RESULTS["speed"] = speeds
         warm_the_card()
-        speed_rows(4096, deadline, args.warmup, args.iters, speeds)
-        addend_speed_rows(4096, deadline, args.warmup, args.iters, speeds)
-        scan_rows(deadline, args.warmup, args.iters, speeds)
-        speed_rows(8192, deadline, args.warmup, args.iters, speeds)
+        if only == "low":
+            low_speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+        else:
+            speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+            addend_speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+            low_speed_rows(4096, deadline, args.warmup, args.iters, speeds)
+            scan_rows(deadline, args.warmup, args.iters, speeds)
+            speed_rows(8192, deadline, args.warmup, args.iters, speeds)
     print_tables(checks, speeds)
     print(f"\ncorrectness: {passed}/{len(checks)} PASS; "
           f"failed: {[row['case'] for row in checks if row['status'] == 'FAIL']}")

@@ -15,6 +15,11 @@ transpose_w=True reads the same [d_in, d_out] weight tiles and hands wgmma a tra
 An optional addend ([tokens, d_y], x.dtype) is added to the float32 accumulator in the epilogue, so
 x @ W + addend is rounded to 16 bits once: a LoRA layer passes its adapter's term here, which
 rounding x @ W first and adding it after would drop while it is below half a bf16 ulp of x @ W.
+
+An optional low-rank term low = (low_lhs [tokens, r], low_rhs [r, d_y]) is multiplied into the same
+float32 accumulator after the K loop (a few extra wgmma K-steps whose operands TMA brings into the
+epilogue's own smem while the K loop runs), so x @ W + low_lhs @ low_rhs is rounded once without a
+[tokens, d_y] addend ever being written to or read from memory: a LoRA layer passes (x a, s b).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ _SWIZZLE_ELEMS = _SWIZZLE_BYTES // 2  # 16-bit elements in one 128-byte swizzle 
 _TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
 
 
+def _low_transforms(rank_chunk: int, itemsize: int):
+    """A [rows, rank_chunk] smem tile swizzled by its whole row (rank_chunk 16-bit elements)."""
+    return plgpu.TilingTransform((8, rank_chunk)), plgpu.SwizzleTransform(rank_chunk * itemsize)
+
+
 def available() -> bool:
     """True when the default backend is an sm90 GPU (H100/H200/GH200); never raises."""
     return is_sm90_gpu()
@@ -64,14 +74,32 @@ class HopperMatmulTiles:
     def cta_tile_n(self) -> int:
         return _COMPUTE_WGS * self.tile_n
 
-    def smem_bytes(self, itemsize: int, addend: bool = False) -> int:
+    def smem_bytes(self, itemsize: int, addend: bool = False, low: bool = False) -> int:
         """Shared memory of one CTA. An addend's pieces are loaded into the output's own epilogue
         slots (the sum is written back over them), so an addend adds only one mbarrier per slot,
-        which its TMA loads complete on."""
+        which its TMA loads complete on. A low-rank term's operand tiles alias the epilogue slots
+        too (a RefUnion of the same size, see low_rank_chunk), so it adds one mbarrier per
+        consumer warpgroup."""
         ring = self.stages * (self.tile_m * self.tile_k + self.tile_k * self.cta_tile_n) * itemsize
         epilogue = _COMPUTE_WGS * self.out_slots * self.epilogue_m * self.epilogue_n * itemsize
         addend_barriers = _COMPUTE_WGS * self.out_slots * _MBARRIER_BYTES if addend else 0
-        return ring + epilogue + addend_barriers
+        low_barriers = _COMPUTE_WGS * _MBARRIER_BYTES if low else 0
+        return ring + epilogue + addend_barriers + low_barriers
+
+    @property
+    def low_rank_chunk(self) -> int:
+        """Rank columns per low-rank K-step. One consumer warpgroup's epilogue slots hold its two
+        operand tiles, low_lhs [tile_m, chunk] and low_rhs^T [tile_m, chunk] (its tile_n <= tile_m
+        output columns, or the CTA's when tile_n < tile_m), and hold exactly that: each warpgroup's
+        operands then sit in its own slots (a RefUnion's groups start at the same byte), never in
+        the other warpgroup's, whose last stores may still be reading them. 32 at 64 x 64 slots
+        and tile_m 128."""
+        per_wg = self.out_slots * self.epilogue_m * self.epilogue_n
+        return per_wg // (2 * self.tile_m) if per_wg % (2 * self.tile_m) == 0 else 0
+
+    def low_rank_padded(self, rank: int) -> int:
+        """The rank rounded up to whole chunks (the wrapper pads both operands with zeros)."""
+        return cdiv(rank, self.low_rank_chunk) * self.low_rank_chunk
 
     @property
     def out_slots(self) -> int:
@@ -106,7 +134,7 @@ def choose_tiles(tokens: int, d_k: int, d_n: int) -> HopperMatmulTiles:
     )
 
 
-def _check(x, w_stack, layer, transpose_w: bool, addend=None) -> None:
+def _check(x, w_stack, layer, transpose_w: bool, addend=None, low=None) -> None:
     """Raise a ValueError (saying what to use instead) for what this kernel does not handle."""
     fallback = "use pallas_kernels.stacked_matmul_hopper.stacked_matmul_reference (XLA) instead"
     if x.ndim != 2 or w_stack.ndim != 3:
@@ -148,6 +176,33 @@ def _check(x, w_stack, layer, transpose_w: bool, addend=None) -> None:
                 f"addend must have x's dtype {jnp.dtype(x.dtype)} (the kernel adds it in float32 and rounds "
                 f"the sum once to that dtype), got {jnp.result_type(addend)}; cast it with addend.astype(x.dtype)"
             )
+    if low is not None:
+        if addend is not None:
+            raise ValueError(
+                "stacked_matmul_hopper takes either addend or low, not both; fold the addend into the "
+                "low-rank term, or add low_lhs @ low_rhs to the addend yourself"
+            )
+        if not isinstance(low, (tuple, list)) or len(low) != 2:
+            raise ValueError(f"low must be a pair (low_lhs [tokens, r], low_rhs [r, d_y]), got {low!r:.200}")
+        low_lhs, low_rhs = low
+        rank = jnp.shape(low_lhs)[1] if jnp.ndim(low_lhs) == 2 else None
+        if jnp.ndim(low_lhs) != 2 or jnp.shape(low_lhs)[0] != x.shape[0] or rank < 1:
+            raise ValueError(
+                f"low_lhs must be [tokens, r] = [{x.shape[0]}, r] with r >= 1 (x {x.shape}), got "
+                f"{tuple(jnp.shape(low_lhs))}"
+            )
+        if tuple(jnp.shape(low_rhs)) != (rank, d_n):
+            raise ValueError(
+                f"low_rhs must be [r, d_y] = {(rank, d_n)} (low_lhs {tuple(jnp.shape(low_lhs))}, w_stack "
+                f"{w_stack.shape}, transpose_w={transpose_w}), got {tuple(jnp.shape(low_rhs))}"
+            )
+        for name, operand in (("low_lhs", low_lhs), ("low_rhs", low_rhs)):
+            if jnp.result_type(operand) != jnp.dtype(x.dtype):
+                raise ValueError(
+                    f"{name} must have x's dtype {jnp.dtype(x.dtype)} (wgmma multiplies 16-bit operands into "
+                    f"the float32 accumulator), got {jnp.result_type(operand)}; cast it with "
+                    f"{name}.astype(x.dtype)"
+                )
 
 
 def _num_sms() -> int:
@@ -156,10 +211,14 @@ def _num_sms() -> int:
     return _SM90_SMS
 
 
-def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperMatmulTiles, transpose_w: bool):
-    """The refs are (layer, x, w_stack, out), or (layer, x, w_stack, addend, out) with an addend."""
-    *addend_gmem, out_gmem = addend_and_out_gmem
-    addend_gmem = addend_gmem[0] if addend_gmem else None
+def _kernel_body(layer_ref, x_gmem, w_gmem, *extra_and_out_gmem, tiles: HopperMatmulTiles, transpose_w: bool,
+                 extra: str | None):
+    """The refs are (layer, x, w_stack, out); with extra="addend" (layer, x, w_stack, addend, out);
+    with extra="low" (layer, x, w_stack, low_lhs [tokens, r], low_rhs^T [d_y, r], out), r padded
+    to whole rank chunks."""
+    *extra_gmem, out_gmem = extra_and_out_gmem
+    addend_gmem = extra_gmem[0] if extra == "addend" else None
+    low_lhs_gmem, low_rhs_t_gmem = extra_gmem if extra == "low" else (None, None)
     tokens, d_k = x_gmem.shape
     d_n = out_gmem.shape[1]
     tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
@@ -194,14 +253,32 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperM
 
     ignore = lambda *_, **__: None  # the body does not change the allocations
 
+    out_alloc = plgpu.SMEM((_COMPUTE_WGS, out_slots, epilogue_m, epilogue_n), dtype, transforms=_TRANSFORMS)
+    rank_chunk = tiles.low_rank_chunk
+    if low_lhs_gmem is None:
+        epilogue_alloc, low_loaded_alloc, low_chunks = out_alloc, None, 0
+    else:
+        # [wg, 0] is the warpgroup's low_lhs tile, [wg, 1] its low_rhs^T tile, both aliased onto
+        # the warpgroup's own epilogue slots (see HopperMatmulTiles.low_rank_chunk).
+        low_alloc = plgpu.SMEM((_COMPUTE_WGS, 2, tile_m, rank_chunk), dtype,
+                               transforms=_low_transforms(rank_chunk, dtype.itemsize))
+        epilogue_alloc = plgpu.RefUnion(out_alloc, low_alloc)
+        low_loaded_alloc = plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS)  # the lhs and rhs copies
+        low_chunks = low_lhs_gmem.shape[1] // rank_chunk
+
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_layer),
-        out_smem=plgpu.SMEM((_COMPUTE_WGS, out_slots, epilogue_m, epilogue_n), dtype, transforms=_TRANSFORMS),
+        epilogue_smem=epilogue_alloc,
         addend_loaded=None if addend_gmem is None else plgpu.Barrier(num_barriers=_COMPUTE_WGS * out_slots),
+        low_loaded=low_loaded_alloc,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, addend_loaded):
+    def _scope(pipeline_allocs, epilogue_smem, addend_loaded, low_loaded):
+        if low_lhs_gmem is None:
+            out_smem, low_smem = epilogue_smem, None
+        else:
+            out_smem, low_smem = epilogue_smem
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -230,6 +307,29 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperM
                     piece_of(addend_gmem, piece), out_smem.at[wg, slot], addend_loaded.at[wg * out_slots + slot]
                 )
 
+            # This warpgroup's tile_n output columns are rows of low_rhs^T. The smem tile has tile_m
+            # rows: all of them when tile_n == tile_m, else (tile_n < tile_m == cta_tile_n) the
+            # whole CTA's, of which the warpgroup multiplies its own tile_n.
+            own_rhs_rows = tiles.tile_n == tile_m
+
+            def load_low(chunk):
+                ranks = pl.ds(chunk * rank_chunk, rank_chunk)
+                rhs_rows = low_rhs_t_gmem.at[cta_cols].at[wg_cols if own_rhs_rows else slice(None)]
+                plgpu.copy_gmem_to_smem(low_lhs_gmem.at[rows, ranks], low_smem.at[wg, 0], low_loaded.at[wg])
+                plgpu.copy_gmem_to_smem(rhs_rows.at[:, ranks], low_smem.at[wg, 1], low_loaded.at[wg])
+
+            def add_low_rank(acc_ref):
+                """acc += low_lhs @ low_rhs, one rank chunk at a time: the first chunk's tiles were
+                loaded during the K loop (see mma); a later one is loaded once the previous wgmma
+                has read the slots (a TMA round trip per chunk past the first)."""
+                for chunk in range(low_chunks):
+                    plgpu.barrier_wait(low_loaded.at[wg])
+                    rhs_t = low_smem.at[wg, 1] if own_rhs_rows else low_smem.at[wg, 1].at[wg_cols]
+                    plgpu.wgmma(acc_ref, low_smem.at[wg, 0], rhs_t.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    if chunk + 1 < low_chunks:
+                        load_low(chunk + 1)
+
             def compute_context(run_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                 def _acc_scope(acc_ref):
@@ -240,6 +340,8 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperM
                         for piece in range(min(out_slots, len(pieces))):
                             load_addend(piece)
                     run_pipeline(acc_ref)
+                    if low_lhs_gmem is not None:
+                        add_low_rank(acc_ref)
                     if addend_gmem is None:
                         acc = acc_ref[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
@@ -266,6 +368,15 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperM
                 else:
                     w_tile = w_smem.at[:, wg_cols]
                 plgpu.wgmma(acc_ref, x_smem, w_tile)
+                if low_lhs_gmem is not None:
+                    # The first rank chunk's tiles fly during the K loop, into slots the previous
+                    # tile's stores have finished reading: waited for here, behind the first
+                    # K-step's wgmma, rather than before it as the addend's loads are.
+                    @pl.when(indices[0] == 0)
+                    def _load_first_chunk():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        load_low(0)
+
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
@@ -275,34 +386,59 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, *addend_and_out_gmem, tiles: HopperM
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w: bool):
+def _check_low_rank_fits(tiles: HopperMatmulTiles, itemsize: int) -> None:
+    """The kernel's low-rank layout assumes these tiles; another tile choice must fail here, at
+    trace time, rather than alias another warpgroup's slots."""
+    rank_chunk = tiles.low_rank_chunk
+    fits = rank_chunk * itemsize in (32, 64, 128) and (
+        tiles.tile_n == tiles.tile_m or tiles.cta_tile_n == tiles.tile_m)
+    if not fits:
+        raise ValueError(f"{tiles} cannot hold a low-rank term's tiles in its epilogue slots (rank chunk "
+                         f"{rank_chunk}); pass the term as an addend instead")
+
+
+def _stacked_matmul_kernel(x, w_stack, layer, addend, transpose_w: bool, low=None):
     tokens, d_k = x.shape
     _, d_in, d_out = w_stack.shape
     d_n = d_in if transpose_w else d_out
     tiles = choose_tiles(tokens, d_k, d_n)
-    smem_bytes = tiles.smem_bytes(x.dtype.itemsize, addend=addend is not None)
+    smem_bytes = tiles.smem_bytes(x.dtype.itemsize, addend=addend is not None, low=low is not None)
     if smem_bytes > _SMEM_BYTES:
         raise ValueError(f"{tiles} needs {smem_bytes} bytes of smem, over {_SMEM_BYTES}")
-    # Token rows are padded up to tile_m here (a copy of x, and of the addend, only when tokens is
-    # not a multiple of 128) and the padded rows of the output are sliced off; the weight side is
-    # never padded.
+    # Token rows are padded up to tile_m here (a copy of x, and of the addend or low_lhs, only when
+    # tokens is not a multiple of 128) and the padded rows of the output are sliced off; the weight
+    # side is never padded.
     tokens_padded = cdiv(tokens, tiles.tile_m) * tiles.tile_m
     if tokens_padded != tokens:
         x = jnp.pad(x, ((0, tokens_padded - tokens), (0, 0)))
         if addend is not None:
             addend = jnp.pad(addend, ((0, tokens_padded - tokens), (0, 0)))
     num_tiles = (tokens_padded // tiles.tile_m) * (d_n // tiles.cta_tile_n)
-    addends = () if addend is None else (addend,)
+    if low is not None:
+        # The rank is padded with zeros to whole chunks (16 -> 32) and low_rhs goes in as
+        # low_rhs^T [d_y, r]: K-major like low_lhs, so both tiles take the same swizzle and stack
+        # in one smem array (a copy of r x d_y elements; the backward's a^T comes back as a).
+        _check_low_rank_fits(tiles, x.dtype.itemsize)
+        low_lhs, low_rhs = low
+        rank = low_lhs.shape[1]
+        rank_padded = tiles.low_rank_padded(rank)
+        low_lhs = jnp.pad(low_lhs, ((0, tokens_padded - tokens), (0, rank_padded - rank)))
+        low_rhs_t = jnp.pad(low_rhs.T, ((0, 0), (0, rank_padded - rank)))
+        extra, extras, suffix = "low", (low_lhs, low_rhs_t), f"_low_rank{rank_padded}"
+    elif addend is not None:
+        extra, extras, suffix = "addend", (addend,), "_addend"
+    else:
+        extra, extras, suffix = None, (), ""
     out = plgpu.kernel(
-        functools.partial(_kernel_body, tiles=tiles, transpose_w=transpose_w),
+        functools.partial(_kernel_body, tiles=tiles, transpose_w=transpose_w, extra=extra),
         out_type=jax.ShapeDtypeStruct((tokens_padded, d_n), x.dtype),
         grid=(min(_num_sms(), num_tiles),),
         grid_names=("sm",),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="stacked_matmul_hopper" + ("_t" if transpose_w else "") + ("_addend" if addends else ""),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack, *addends)
+        kernel_name="stacked_matmul_hopper" + ("_t" if transpose_w else "") + suffix,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w_stack, *extras)
     # The barrier keeps XLA from cloning this GEMM. Inside the layer scan a checkpointed output is
     # also written into the scan's residual stack (a dynamic-update-slice), and XLA:GPU's dynamic-
     # slice fusion gave that write its own copy of the custom call rather than reuse this one: a
@@ -361,6 +497,32 @@ def _stacked_matmul_plus_bwd(transpose_w, residuals, d_out):
 _stacked_matmul_plus.defvjp(_stacked_matmul_plus_fwd, _stacked_matmul_plus_bwd)
 
 
+# With a low-rank term, y = round(x W + L R) (L = low_lhs [tokens, r], R = low_rhs [r, d_y]), the
+# rounding again taken as the identity: y is bilinear in (L, R), so dL = dy R^T and dR = L^T dy,
+# two thin float32-accumulated GEMMs cast to L's and R's dtypes (XLA's: r columns are too few for
+# this kernel's tiles), and dx = dy W^T is the flipped kernel as without the term (L R does not
+# depend on x here; a LoRA caller's L = x a gets its x-gradient from dL through its own vjp). The
+# residuals are L and R themselves, [tokens, r] and [r, d_y]: no [tokens, d_y] array is saved.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _stacked_matmul_low(x, w_stack, layer, low_lhs, low_rhs, transpose_w):
+    return _stacked_matmul_kernel(x, w_stack, layer, None, transpose_w, low=(low_lhs, low_rhs))
+
+
+def _stacked_matmul_low_fwd(x, w_stack, layer, low_lhs, low_rhs, transpose_w):
+    out = _stacked_matmul_kernel(x, w_stack, layer, None, transpose_w, low=(low_lhs, low_rhs))
+    return out, (w_stack, layer, low_lhs, low_rhs)
+
+
+def _stacked_matmul_low_bwd(transpose_w, residuals, d_out):
+    w_stack, layer, low_lhs, low_rhs = residuals
+    d_low_lhs = jnp.dot(d_out, low_rhs.T, preferred_element_type=jnp.float32).astype(low_lhs.dtype)
+    d_low_rhs = lax.dot_general(low_lhs, d_out, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dx(d_out, w_stack, layer, transpose_w), None, None, d_low_lhs, d_low_rhs.astype(low_rhs.dtype)
+
+
+_stacked_matmul_low.defvjp(_stacked_matmul_low_fwd, _stacked_matmul_low_bwd)
+
+
 def stacked_matmul_hopper(
     x: Float[Array, "tokens d_x"],
     w_stack: Float[Array, "layers d_in d_out"],
@@ -368,19 +530,26 @@ def stacked_matmul_hopper(
     *,
     transpose_w: bool = False,
     addend: Float[Array, "tokens d_y"] | None = None,
+    low: tuple[Float[Array, "tokens rank"], Float[Array, "rank d_y"]] | None = None,
 ) -> Float[Array, "tokens d_y"]:
     """x @ w_stack[layer] (x [tokens, d_in] -> [tokens, d_out]) or, with transpose_w=True,
     x @ w_stack[layer].T (x [tokens, d_out] -> [tokens, d_in]), float32 accumulation, x.dtype out,
     without copying or transposing the stack. layer may be a tracer (a scan's layer index); out of
     range it is clamped, as lax.dynamic_slice does. An addend (the output's shape, x's dtype) is
-    added to the float32 product before the one rounding to x.dtype. Differentiable in x and the
-    addend: the stack is treated as frozen (its cotangent is a symbolic zero). Token counts that
-    are not a multiple of 128 cost a padded copy of x (and of the addend); the weight is never
-    padded (see choose_tiles for the shapes it takes)."""
-    _check(x, w_stack, layer, transpose_w, addend)
+    added to the float32 product before the one rounding to x.dtype. low = (low_lhs [tokens, r],
+    low_rhs [r, d_y]), both x's dtype, instead adds exactly low_lhs @ low_rhs, accumulated in the
+    same float32 accumulator (no scale: fold one into low_rhs), with no [tokens, d_y] array in
+    memory; r is padded with zeros to a multiple of 32 (HopperMatmulTiles.low_rank_chunk), and each
+    32 past the first costs every output tile one exposed TMA round trip. Differentiable in x, the
+    addend and low's two operands: the stack is treated as frozen (its cotangent is a symbolic
+    zero). Token counts that are not a multiple of 128 cost a padded copy of x (and of the addend
+    or low_lhs); the weight is never padded (see choose_tiles for the shapes it takes)."""
+    _check(x, w_stack, layer, transpose_w, addend, low)
     # Clamped as lax.dynamic_slice clamps (the reference's semantics): nothing in the kernel
     # checks the index, and what a TMA copy reads at an out-of-range layer is not to be relied on.
     layer = jnp.clip(jnp.reshape(jnp.asarray(layer, jnp.int32), ()), 0, w_stack.shape[0] - 1)
+    if low is not None:
+        return _stacked_matmul_low(x, w_stack, layer, *low, transpose_w)
     if addend is None:
         return _stacked_matmul(x, w_stack, layer, transpose_w)
     return _stacked_matmul_plus(x, w_stack, layer, addend, transpose_w)
@@ -393,13 +562,18 @@ def stacked_matmul_reference(
     transpose_w: bool = False,
     *,
     addend: Float[Array, "tokens d_y"] | None = None,
+    low: tuple[Float[Array, "tokens rank"], Float[Array, "rank d_y"]] | None = None,
 ) -> Float[Array, "tokens d_y"]:
     """The same product in XLA: a dynamic slice of the stack and a float32-accumulated jnp.dot,
-    plus the addend in float32, rounded once to x.dtype."""
+    plus the addend in float32 (or low_lhs @ low_rhs, float32-accumulated), rounded once to
+    x.dtype."""
     weight = lax.dynamic_index_in_dim(w_stack, layer, axis=0, keepdims=False)
     if transpose_w:
         weight = weight.T
     product = jnp.dot(x, weight, preferred_element_type=jnp.float32)
     if addend is not None:
         product = product + addend.astype(jnp.float32)
+    if low is not None:
+        low_lhs, low_rhs = low
+        product = product + jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)
     return product.astype(x.dtype)
