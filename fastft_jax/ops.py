@@ -112,13 +112,21 @@ UNROLLED_BACKWARD_MODES = ("free", "tied")
 # pallas_kernels/stacked_matmul_hopper.py reads the layer in place (sm90 only); "reference": the same
 # in-place plumbing with a dynamic slice and jnp.dot (tests); "auto": OpsConfig.layer_matmul_mode.
 # QLoRA's dequantized weights take the same GEMM, as a stack of one layer (_one_layer).
-LAYER_MATMUL_MODES = ("auto", "slice", "hopper", "reference")
+# "hopper_low_rank": the same GEMM with the adapter's rank-r term multiplied into its accumulator.
+LAYER_MATMUL_MODES = ("auto", "slice", "hopper", "hopper_low_rank", "reference")
+MOSAIC_LAYER_MATMULS = ("hopper", "hopper_low_rank")
 # Whether layer_matmul="auto" takes "hopper" on an sm90 GPU. On, since its whole steps beat the
 # slices in one H200 call (eighth session, bench/RESULTS.md): llama3-8b "selective" 15,003 against
 # 14,043 tok/s, "unsloth" 11,616 tok/s at 16.15 GiB (10,249 at 17.05 sliced), qwen2.5-1.5b 53,540
 # (48,536), QLoRA 10,663 at 6.79 GiB (9,699 at 7.20): no slice copies, and the adapter's term added
 # in the GEMM's epilogue instead of a float32 [tokens, out] product.
 HOPPER_LAYER_MATMUL_IN_AUTO = True
+# Whether "auto" takes "hopper_low_rank" rather than "hopper": the Mosaic GEMM multiplies the
+# adapter's rank-r term into its own float32 accumulator (stacked_matmul_hopper's low=) instead of
+# adding it as a [tokens, out] addend that a thin XLA GEMM writes first: no such array in memory
+# (~40 GB a llama3-8b step) and no rounding of the term on its own. Off until its correctness and
+# speed rows have run on a GPU (bench/stacked_matmul_hopper_check.py --only low).
+HOPPER_LOW_RANK_IN_KERNEL = False
 
 
 @jax.tree_util.register_dataclass
@@ -199,12 +207,12 @@ class OpsConfig:
                                   f"default backend is {jax.default_backend()!r}; use auto or pallas")
         if self.layer_matmul not in LAYER_MATMUL_MODES:
             raise ConfigError(f"kernels.layer_matmul={self.layer_matmul!r} is not one of {', '.join(LAYER_MATMUL_MODES)}")
-        if self.layer_matmul == "hopper":
+        if self.layer_matmul in MOSAIC_LAYER_MATMULS:
             from pallas_kernels.stacked_matmul_hopper import available
 
             if not available():
-                raise ConfigError("kernels.layer_matmul=hopper needs an sm90 GPU (H100/H200), and this machine's "
-                                  f"default backend is {jax.default_backend()!r}; use auto (the default) or slice")
+                raise ConfigError(f"kernels.layer_matmul={self.layer_matmul} needs an sm90 GPU (H100/H200), and this "
+                                  f"machine's default backend is {jax.default_backend()!r}; use auto (the default) or slice")
         if self.unrolled_backward not in UNROLLED_BACKWARD_MODES:
             raise ConfigError(f"kernels.unrolled_backward={self.unrolled_backward!r} is not one of "
                               f"{', '.join(UNROLLED_BACKWARD_MODES)}")
@@ -227,7 +235,7 @@ class OpsConfig:
             from pallas_kernels._common import is_sm90_gpu
 
             if is_sm90_gpu():
-                return "hopper"
+                return "hopper_low_rank" if HOPPER_LOW_RANK_IN_KERNEL else "hopper"
         return "slice"
 
     def resolve(self, op: str) -> str:
@@ -321,8 +329,9 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
                      low: tuple[Array, Array, float] | None = None):
     """lhs @ W[layer] (W[layer]^T with transpose) + scale * low_lhs @ low_rhs for low = (low_lhs,
     low_rhs, scale), rounded once to lhs.dtype. "hopper": the Mosaic GPU GEMM reads W in place and
-    takes the rank-r term, rounded to 16-bit (2^-9 of a small term), as its epilogue's addend;
-    otherwise the layer's slice, and base_plus_low_rank's float32 sum."""
+    takes the rank-r term, rounded to 16-bit (2^-9 of a small term), as its epilogue's addend
+    ("hopper_low_rank": multiplies it into its own accumulator); otherwise the layer's slice, and
+    base_plus_low_rank's float32 sum."""
     dtype = lhs.dtype
     d_in, d_out = kernel.stack.shape[1:]
     # The GEMM takes one dtype; casting a stack of another would copy all of it, so such a stack
@@ -331,13 +340,17 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
     # Llama/Qwen size does; a kernel that does not also takes the slice.
     fits = d_in % 128 == 0 and d_out % 128 == 0
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # float32 runs slice
-    if cfg.layer_matmul_mode() == "hopper" and kernel.stack.dtype == dtype and sixteen_bit and fits:
+    mode = cfg.layer_matmul_mode()
+    if mode in MOSAIC_LAYER_MATMULS and kernel.stack.dtype == dtype and sixteen_bit and fits:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
-        addend = None
-        if low is not None:
-            low_lhs, low_rhs, scale = low
-            addend = (scale * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)).astype(dtype)
+        if low is None:
+            return stacked_matmul_hopper(lhs, kernel.stack, kernel.layer, transpose_w=transpose)
+        low_lhs, low_rhs, scale = low
+        if mode == "hopper_low_rank":  # the scale folded into the thin operand (exact for powers of 2)
+            scaled_rhs = (scale * low_rhs.astype(jnp.float32)).astype(dtype)
+            return stacked_matmul_hopper(lhs, kernel.stack, kernel.layer, transpose_w=transpose, low=(low_lhs, scaled_rhs))
+        addend = (scale * jnp.dot(low_lhs, low_rhs, preferred_element_type=jnp.float32)).astype(dtype)
         return stacked_matmul_hopper(lhs, kernel.stack, kernel.layer, transpose_w=transpose, addend=addend)
     weight = jax.lax.dynamic_index_in_dim(kernel.stack, kernel.layer, axis=0, keepdims=False).astype(dtype)
     weight = weight.T if transpose else weight

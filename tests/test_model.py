@@ -365,9 +365,11 @@ def test_in_place_layer_matmuls_equal_the_sliced_ones(checkpointing, dropout):
                                     dataclasses.replace(sliced, layer_matmul="reference"))
 
 
-def test_in_place_layer_matmuls_lower_to_the_hopper_kernel():
+@pytest.mark.parametrize("mode", ["hopper", "hopper_low_rank"])
+def test_in_place_layer_matmuls_lower_to_the_hopper_kernel(mode):
     """With kernels.layer_matmul="hopper" the training loss's gradient exports for CUDA with the
     Mosaic GPU GEMM reading the stacked kernels, and no dynamic slice of a kernel stack left."""
+    import collections
     import dataclasses
     import re
 
@@ -377,15 +379,15 @@ def test_in_place_layer_matmuls_lower_to_the_hopper_kernel():
     from fastft_jax.lora import LoRAConfig, init_lora_params
     from fastft_jax.model import decoder_hidden, random_params
 
-    with pytest.raises(ConfigError, match="layer_matmul=hopper needs an sm90 GPU"):
-        ops.OpsConfig(layer_matmul="hopper").validated()
+    with pytest.raises(ConfigError, match=f"layer_matmul={mode} needs an sm90 GPU"):
+        ops.OpsConfig(layer_matmul=mode).validated()
     # Kernel dimensions the Hopper GEMM takes: d_in a multiple of 64, d_out of 128.
     config = ModelConfig("llama", 512, 256, 512, 2, 4, 2, 64, 1e-5, 1e4, None, False, False, False, 4096)
     lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
     params = jax.eval_shape(lambda: random_params(config, 0, jnp.bfloat16))
     lora = jax.eval_shape(lambda: init_lora_params(config, lora_config, 0))
     input_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
-    ops_config = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), layer_matmul="hopper")
+    ops_config = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), layer_matmul=mode)
 
     def loss(lora, params, input_ids):
         hidden = decoder_hidden(params, lora, input_ids, None, None, config=config, lora_config=lora_config,
@@ -394,6 +396,10 @@ def test_in_place_layer_matmuls_lower_to_the_hopper_kernel():
 
     exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(lora, params, input_ids)
     text = exported.mlir_module()
-    assert "mosaic_gpu" in text
+    # Each of the 7 projections: one forward GEMM and one transposed dx GEMM, the adapter's term
+    # either an addend or the in-kernel rank-r product.
+    term = "low_rank32" if mode == "hopper_low_rank" else "addend"
+    kernels = collections.Counter(re.findall(r"stacked_matmul_hopper\w*_mosaic_gpu", text))
+    assert kernels == {f"stacked_matmul_hopper_{term}_mosaic_gpu": 7, f"stacked_matmul_hopper_t_{term}_mosaic_gpu": 7}
     # every projection kernel stack is [layers, d_in, d_out] bf16; none of them is sliced
     assert not re.search(r"stablehlo.dynamic_slice[^\n]*tensor<2x(256|512)x(128|256|512)xbf16>", text)

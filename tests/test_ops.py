@@ -54,6 +54,8 @@ def test_auto_layer_matmul(monkeypatch, enabled, sm90, expected):
     assert ops.OpsConfig().layer_matmul_mode() == expected
     assert ops.OpsConfig(layer_matmul="reference").layer_matmul_mode() == "reference"  # explicit choices stay
     assert ops.OpsConfig(lora_linear="reference").layer_matmul_mode() == "slice"  # kernels off: no Mosaic GEMM
+    monkeypatch.setattr(ops, "HOPPER_LOW_RANK_IN_KERNEL", True)
+    assert ops.OpsConfig().layer_matmul_mode() == expected.replace("hopper", "hopper_low_rank")
 
 
 def test_float32_in_place_layer_matmul_takes_the_slice():
