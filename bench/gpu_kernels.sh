@@ -62,7 +62,7 @@ limit_of() {
     attention) echo 300 ;; attention-sweep) echo 150 ;; anchors) echo 200 ;; dequant) echo 120 ;;
     dequant-sweep) echo 300 ;; qlora-layer) echo 120 ;; decode) echo 200 ;; qlora-step) echo 130 ;; e2e-llama) echo 260 ;;
     e2e-qwen) echo 200 ;; unsloth4) echo 110 ;; loss-parity) echo 480 ;; loss-bisect) echo 540 ;; lora-ab) echo 535 ;; lora-ab-flags) echo 250 ;; loss-parity-qlora) echo 540 ;; loss-parity-hopper) echo 480 ;; long-qlora) echo 540 ;;
-    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; e2e-stacked-profile) echo 240 ;; stacked-hlo) echo 200 ;; hopper-ab) echo 520 ;; loss-parity-short) echo 300 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
+    long-bf16) echo 330 ;; multi-gpu) echo 540 ;; fsdp-80) echo 280 ;; decode-ab) echo 180 ;; scan-dsf) echo 125 ;; decode-hf) echo 200 ;; unroll-ab) echo 360 ;; grad-parity) echo 330 ;; attention-tests) echo 200 ;; hopper-check) echo 240 ;; scan-flags) echo 250 ;; e2e-hopper) echo 240 ;; stacked-gemm-check) echo 250 ;; stacked-gemm-speed) echo 200 ;; e2e-stacked) echo 200 ;; e2e-stacked-profile) echo 240 ;; stacked-hlo) echo 200 ;; hopper-ab) echo 520 ;; loss-parity-short) echo 300 ;; stacked-gemm-low) echo 300 ;; e2e-low-rank) echo 200 ;; decode-exp) echo 330 ;; offload) echo 200 ;; *) echo 0 ;;
   esac
 }
 
@@ -211,6 +211,15 @@ for part in $parts; do
       echo "== qlora llama3-8b unsloth hopper" >> "$log"
       timeout 130 python3 bench/qlora.py --checkpointing unsloth --steps 6 --warmup 1 --ops layer_matmul=hopper \
         --out "$dir/qlora-hopper" >> "$log" 2>&1 ;;
+    stacked-gemm-low)  # the Mosaic GEMM with the adapter's rank-r term in its accumulator (low=): correctness, then speed
+      OUT="$dir" timeout $limit python3 bench/stacked_matmul_hopper_check.py --only low --deadline $(( limit - 20 )) \
+        > "$log" 2>&1 ;;
+    e2e-low-rank)  # llama3-8b "selective": layer_matmul hopper (addend) against hopper_low_rank (rank-r in the kernel)
+      for variant in hopper hopper_low_rank; do
+        echo "== $variant" >> "$log"
+        timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
+          --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/$variant" >> "$log" 2>&1
+      done ;;
     hopper-check)  # the Mosaic GPU (sm90) flash attention: correctness against the reference, then speed beside cuDNN
       OUT="$dir" timeout $limit python3 bench/attention_hopper_check.py --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
     attention-tests)  # the attention tests one by one (a hang or a failure names its test), float32 at full precision
