@@ -40,7 +40,7 @@ def make_rows(count: int, rng: np.random.Generator) -> list[dict]:
 
 def data_config(**overrides) -> DataConfig:
     values = dict(text_field=None, template=TEMPLATE, response_marker="### Response:", train_on_responses_only=True,
-                  max_seq_length=64, padding="longest", shuffle=True)
+                  max_seq_length=64, padding="max_length", shuffle=True)
     values.update(overrides)
     return DataConfig(**values)
 
