@@ -127,6 +127,12 @@ HOPPER_LAYER_MATMUL_IN_AUTO = True
 # (~40 GB a llama3-8b step) and no rounding of the term on its own. Off until its correctness and
 # speed rows have run on a GPU (bench/stacked_matmul_hopper_check.py --only low).
 HOPPER_LOW_RANK_IN_KERNEL = False
+# Fewer rows than this take XLA's GEMM even under a Mosaic layer_matmul mode: the Mosaic GEMM's
+# persistent grid has one CTA per 128-row x 256-column output tile, so a few rows (QLoRA decode with
+# an unmerged adapter, short prefills) would leave most of the 132 SMs idle on what is a weight read,
+# where cuBLAS's GEMV kernels use them all. Its measured wins are at 4,096 rows; few rows were not
+# measured, so they keep the path they had.
+MOSAIC_LAYER_MATMUL_MIN_ROWS = 512
 
 
 @jax.tree_util.register_dataclass
@@ -341,7 +347,8 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
     fits = d_in % 128 == 0 and d_out % 128 == 0
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # float32 runs slice
     mode = cfg.layer_matmul_mode()
-    if mode in MOSAIC_LAYER_MATMULS and kernel.stack.dtype == dtype and sixteen_bit and fits:
+    many_rows = lhs.shape[0] >= MOSAIC_LAYER_MATMUL_MIN_ROWS
+    if mode in MOSAIC_LAYER_MATMULS and kernel.stack.dtype == dtype and sixteen_bit and fits and many_rows:
         from pallas_kernels.stacked_matmul_hopper import stacked_matmul_hopper
 
         if low is None:

@@ -386,7 +386,7 @@ def test_in_place_layer_matmuls_lower_to_the_hopper_kernel(mode):
     lora_config = LoRAConfig(r=8, alpha=8, target_modules=PROJECTIONS)
     params = jax.eval_shape(lambda: random_params(config, 0, jnp.bfloat16))
     lora = jax.eval_shape(lambda: init_lora_params(config, lora_config, 0))
-    input_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+    input_ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)  # ops.MOSAIC_LAYER_MATMUL_MIN_ROWS tokens
     ops_config = dataclasses.replace(ops.OpsConfig(**{name: "reference" for name in ops.OP_NAMES}), layer_matmul=mode)
 
     def loss(lora, params, input_ids):

@@ -190,21 +190,26 @@ def test_qlora_gemms_lower_to_the_hopper_kernel_with_layer_matmul_hopper():
     """kernels.layer_matmul="hopper" also serves QLoRA: the dequantized [out, in] weight, as a stack
     of one layer, meets x in the Mosaic GPU GEMM's transposed orientation in the forward and g in
     its plain one in the backward, each with the adapter's term as the epilogue addend (the CUDA
-    export, read on the CPU)."""
+    export, read on the CPU); below ops.MOSAIC_LAYER_MATMUL_MIN_ROWS rows, XLA's GEMM."""
     import collections
     import re
 
     kernel = quant.quantize_nf4(jnp.asarray(np.random.default_rng(0).standard_normal((256, 512)), jnp.float32))
     cfg = dataclasses.replace(REFERENCE, dequant="reference", layer_matmul="hopper")
-    x = jax.ShapeDtypeStruct((128, 512), jnp.bfloat16)
     a, b = jax.ShapeDtypeStruct((512, 8), jnp.float32), jax.ShapeDtypeStruct((8, 256), jnp.float32)
 
     def loss(x, a, b, kernel):
         return jnp.sum(ops.lora_linear(x, kernel, a, b, 2.0, cfg).astype(jnp.float32) ** 2)
 
-    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"])(x, a, b, kernel).mlir_module()
-    kernels = collections.Counter(re.findall(r"stacked_matmul_hopper\w*_mosaic_gpu", text))
-    assert kernels == {"stacked_matmul_hopper_t_addend_mosaic_gpu": 1, "stacked_matmul_hopper_addend_mosaic_gpu": 1}
+    def mosaic_gemms(rows):
+        x = jax.ShapeDtypeStruct((rows, 512), jnp.bfloat16)
+        export = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"])(x, a, b, kernel)
+        return collections.Counter(re.findall(r"stacked_matmul_hopper\w*_mosaic_gpu", export.mlir_module()))
+
+    assert mosaic_gemms(ops.MOSAIC_LAYER_MATMUL_MIN_ROWS) == {
+        "stacked_matmul_hopper_t_addend_mosaic_gpu": 1, "stacked_matmul_hopper_addend_mosaic_gpu": 1}
+    # A few rows (decode with an unmerged adapter) keep XLA's GEMM on the dequantized weight.
+    assert not mosaic_gemms(ops.MOSAIC_LAYER_MATMUL_MIN_ROWS - 1)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
