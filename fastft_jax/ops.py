@@ -263,13 +263,15 @@ class OpsConfig:
             packed = _auto_attention(True)
             chosen["attention"] = {True: f"{packed} (packed rows)", False: "cudnn (no segment ids)"}.get(
                 packed_rows, f"cudnn without segment ids, {packed} flash with them")
+        chosen["layer_matmul"] = self.layer_matmul_mode()
         return chosen
 
 
 # Packed rows in 16-bit on an sm90 GPU: the Mosaic GPU kernel (pallas_kernels/attention_hopper.py)
 # instead of the Triton one. On an H200 (bench/attention_hopper_check.py, seventh session) it passed
 # 20/20 correctness cases and ran llama3-8b 8k rows of 8 packed sequences at 1.20x the Triton kernel's
-# fwd+bwd (272 against 227 TF/s). False until a whole training step has run on it (part e2e-hopper).
+# fwd+bwd (272 against 227 TF/s). False: in a whole llama3-8b step (eighth session) it gained nothing,
+# 14,147 against the Triton kernel's 14,176 tok/s on packed rows (13,147 against cuDNN's 13,576 padded).
 HOPPER_ATTENTION_IN_AUTO = False
 _HOPPER_ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
