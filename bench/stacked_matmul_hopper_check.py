@@ -225,6 +225,12 @@ def ulp_errors(got, reference_f32, dtype) -> dict[str, float]:
             "identical_fraction": float(np.mean(got64 == rounded))}
 
 
+def _stack_and_x(seed: int, d_in: int, d_out: int, transpose_w: bool, tokens: int):
+    """A bf16 [LAYERS, d_in, d_out] stack, an x of the orientation's input width, and the output width."""
+    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
+    return random_stack(seed, LAYERS, d_in, d_out, BF16), random_x(seed + 1000, tokens, d_x, BF16), d_y
+
+
 def low_correctness(rows: list, deadline: float) -> None:
     seed = 700
     for tokens in LOW_TOKENS:
@@ -237,9 +243,7 @@ def low_correctness(rows: list, deadline: float) -> None:
                                        "transpose_w": transpose_w, "dtype": "bfloat16", "low_rank": LOW_RANK}
 
                 def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, seed=seed, tokens=tokens):
-                    w_stack = random_stack(seed, LAYERS, d_in, d_out, BF16)
-                    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
-                    x = random_x(seed + 1000, tokens, d_x, BF16)
+                    w_stack, x, d_y = _stack_and_x(seed, d_in, d_out, transpose_w, tokens)
                     low_lhs = random_x(seed + 2000, tokens, LOW_RANK, BF16)  # L @ R O(1), as x @ W
                     low_rhs = (random_x(seed + 3000, LOW_RANK, d_y, jnp.float32) / np.sqrt(LOW_RANK)).astype(BF16)
                     layer = jnp.int32(2)
@@ -291,9 +295,7 @@ def addend_correctness(rows: list, deadline: float) -> None:
                                        "transpose_w": transpose_w, "dtype": "bfloat16", "addend": True}
 
                 def body(row, d_in=d_in, d_out=d_out, transpose_w=transpose_w, seed=seed, tokens=tokens):
-                    w_stack = random_stack(seed, LAYERS, d_in, d_out, BF16)
-                    d_x, d_y = (d_out, d_in) if transpose_w else (d_in, d_out)
-                    x = random_x(seed + 1000, tokens, d_x, BF16)
+                    w_stack, x, d_y = _stack_and_x(seed, d_in, d_out, transpose_w, tokens)
                     addend = random_x(seed + 2000, tokens, d_y, BF16)  # O(1), as x @ W
                     layer = jnp.int32(2)
                     got = _ours_addend(transpose_w)(x, w_stack, layer, addend)
