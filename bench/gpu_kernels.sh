@@ -56,6 +56,15 @@ install_wheels() {  # the peers' wheels (liger, bitsandbytes, unsloth ...) into 
   [ -d "$SITE" ] || python3 -m pip install -q --no-index --no-deps --target "$SITE" "$PEERS"/wheels/*.whl
 }
 
+layer_matmul_ab() {  # llama3-8b "selective" b2x2048, one e2e.py run per kernels.layer_matmul value: PREFIX VALUE...
+  local prefix=$1 variant; shift
+  for variant in "$@"; do
+    echo "== llama3-8b selective $variant" >> "$log"
+    timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
+      --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/$prefix$variant" >> "$log" 2>&1
+  done
+}
+
 limit_of() {
   case $1 in
     tests) echo 240 ;; memory) echo 90 ;; memory-sweep) echo 240 ;; matmul) echo 240 ;;
@@ -169,11 +178,7 @@ for part in $parts; do
       OUT="$dir" timeout $limit python3 bench/stacked_matmul_hopper_check.py --skip-correctness \
         --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
     e2e-stacked)  # llama3-8b "selective" with each layer's kernels read in place by the Hopper GEMM, against the slices
-      for variant in slice hopper; do
-        echo "== $variant" >> "$log"
-        timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
-          --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/$variant" >> "$log" 2>&1
-      done ;;
+      layer_matmul_ab "" slice hopper ;;
     e2e-stacked-profile)  # e2e-stacked with two traced steps each: where the in-place path's time goes.
       # The traces stay on the card; their per-kernel split (80 kernels) comes back as JSON.
       for variant in slice hopper; do
@@ -197,11 +202,7 @@ for part in $parts; do
     hopper-ab)  # kernels.layer_matmul=hopper (the Mosaic GEMM, the adapter's term as its epilogue addend)
       # across the step's modes, after the barrier that stops XLA cloning it: llama3-8b "selective"
       # against the slices in the same part; "unsloth", qwen2.5-1.5b and QLoRA against earlier parts
-      for variant in slice hopper; do
-        echo "== llama3-8b selective $variant" >> "$log"
-        timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
-          --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/llama-selective-$variant" >> "$log" 2>&1
-      done
+      layer_matmul_ab llama-selective- slice hopper
       echo "== llama3-8b unsloth hopper" >> "$log"
       timeout 100 python3 bench/e2e.py --model llama3-8b --checkpointing unsloth --extra "" --steps 5 --warmup 1 \
         --deadline 95 --config-timeout 90 --ops layer_matmul=hopper --out "$dir/llama-unsloth-hopper" >> "$log" 2>&1
@@ -215,11 +216,7 @@ for part in $parts; do
       OUT="$dir" timeout $limit python3 bench/stacked_matmul_hopper_check.py --only low --deadline $(( limit - 20 )) \
         > "$log" 2>&1 ;;
     e2e-low-rank)  # llama3-8b "selective": layer_matmul hopper (addend) against hopper_low_rank (rank-r in the kernel)
-      for variant in hopper hopper_low_rank; do
-        echo "== $variant" >> "$log"
-        timeout 95 python3 bench/e2e.py --model llama3-8b --checkpointing selective --extra "" --steps 5 --warmup 1 \
-          --deadline 90 --config-timeout 85 --ops layer_matmul=$variant --out "$dir/$variant" >> "$log" 2>&1
-      done ;;
+      layer_matmul_ab "" hopper hopper_low_rank ;;
     hopper-check)  # the Mosaic GPU (sm90) flash attention: correctness against the reference, then speed beside cuDNN
       OUT="$dir" timeout $limit python3 bench/attention_hopper_check.py --deadline $(( limit - 20 )) > "$log" 2>&1 ;;
     attention-tests)  # the attention tests one by one (a hang or a failure names its test), float32 at full precision
