@@ -273,7 +273,8 @@ class OpsConfig:
 # fwd+bwd (272 against 227 TF/s). False: in a whole llama3-8b step (eighth session) it gained nothing,
 # 14,147 against the Triton kernel's 14,176 tok/s on packed rows (13,147 against cuDNN's 13,576 padded).
 HOPPER_ATTENTION_IN_AUTO = False
-_HOPPER_ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# What the Mosaic GPU kernels (attention, layer GEMM) take: wgmma's 16-bit operands.
+_MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _auto_attention(packed_rows: bool, dtype: Any = jnp.bfloat16) -> str:
@@ -281,7 +282,7 @@ def _auto_attention(packed_rows: bool, dtype: Any = jnp.bfloat16) -> str:
     flash kernel with them: the Mosaic GPU one where HOPPER_ATTENTION_IN_AUTO allows it, else Triton."""
     if not packed_rows:
         return "cudnn"
-    if HOPPER_ATTENTION_IN_AUTO and jnp.dtype(dtype) in _HOPPER_ATTENTION_DTYPES:
+    if HOPPER_ATTENTION_IN_AUTO and jnp.dtype(dtype) in _MOSAIC_DTYPES:
         from pallas_kernels._common import is_sm90_gpu
 
         if is_sm90_gpu():
@@ -347,7 +348,7 @@ def _stacked_product(lhs, kernel: StackedKernel, cfg: OpsConfig, *, transpose: b
     # must divide the kernel in both orientations (the backward's dx runs it transposed): every
     # Llama/Qwen size does; a kernel that does not also takes the slice.
     fits = d_in % 128 == 0 and d_out % 128 == 0
-    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # float32 runs slice
+    sixteen_bit = jnp.dtype(dtype) in _MOSAIC_DTYPES  # float32 runs slice
     mode = cfg.layer_matmul_mode()
     many_rows = lhs.shape[0] >= MOSAIC_LAYER_MATMUL_MIN_ROWS
     if mode in MOSAIC_LAYER_MATMULS and kernel.stack.dtype == dtype and sixteen_bit and fits and many_rows:
